@@ -1,0 +1,5 @@
+"""``python -m routemq_outbox`` is the ``routemq-outbox`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""Every exception routemq-outbox raises derives from :class:`OutboxError`.
+
+The tree::
+
+    OutboxError
+    ├── ConfigurationError          bad or missing configuration (URL, driver, connection name)
+    ├── JobDefinitionError          a Job subclass is declared wrongly (name clash, bad attribute)
+    ├── DispatchError               the job was refused at dispatch; nothing was inserted
+    │   ├── InvalidQueueName        (also a ValueError)
+    │   ├── InvalidDelay            (also a ValueError)
+    │   ├── NotAJob                 (also a TypeError)
+    │   ├── UnserializableJob       (also a TypeError)
+    │   └── PayloadTooLarge         (also a ValueError)
+    ├── JobLoadError                a stored row could not be turned back into a job
+    │   ├── MalformedPayload
+    │   ├── UnknownJob
+    │   └── JobConstructionError
+    ├── JobTimeout                  an attempt ran longer than its timeout
+    ├── LeaseExpired                the worker running the last attempt stopped heartbeating
+    ├── RetryJob                    raised by handle() to ask for another attempt later
+    └── FailJob                     raised by handle() to fail the job now, without more attempts
+
+A class's docstring is its default message, so ``raise UnknownJob()`` still says something.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DispatchError",
+    "FailJob",
+    "InvalidDelay",
+    "InvalidQueueName",
+    "JobConstructionError",
+    "JobDefinitionError",
+    "JobLoadError",
+    "JobTimeout",
+    "LeaseExpired",
+    "MalformedPayload",
+    "NotAJob",
+    "OutboxError",
+    "PayloadTooLarge",
+    "RetryJob",
+    "UnknownJob",
+    "UnserializableJob",
+]
+
+
+class OutboxError(Exception):
+    """routemq-outbox error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(OutboxError):
+    """The configuration is invalid."""
+
+
+class JobDefinitionError(OutboxError):
+    """A Job subclass is declared wrongly."""
+
+
+class DispatchError(OutboxError):
+    """The job was refused at dispatch; nothing was inserted."""
+
+
+class InvalidQueueName(DispatchError, ValueError):
+    """Queue names must be non-empty strings of at most 255 characters."""
+
+
+class InvalidDelay(DispatchError, ValueError):
+    """A delay must be non-negative seconds, a timedelta or a timezone-aware datetime."""
+
+
+class NotAJob(DispatchError, TypeError):
+    """Only instances of routemq_outbox.Job can be dispatched."""
+
+
+class UnserializableJob(DispatchError, TypeError):
+    """A job attribute cannot be stored as JSON."""
+
+
+class PayloadTooLarge(DispatchError, ValueError):
+    """The job's payload is larger than the configured limit."""
+
+
+class JobLoadError(OutboxError):
+    """A stored job could not be loaded."""
+
+
+class MalformedPayload(JobLoadError):
+    """The stored payload is not a valid job payload."""
+
+
+class UnknownJob(JobLoadError):
+    """The payload names a job class this worker does not know."""
+
+
+class JobConstructionError(JobLoadError):
+    """The job class could not be instantiated from the payload."""
+
+
+class JobTimeout(OutboxError):
+    """The attempt ran longer than the job's timeout."""
+
+
+class LeaseExpired(OutboxError):
+    """The worker running the job's last attempt stopped heartbeating before it finished."""
+
+
+class RetryJob(OutboxError):
+    """Raised by ``handle()`` to have the job attempted again later.
+
+    ``delay`` is in seconds; ``None`` uses the job's own retry delay. The attempt still counts
+    towards ``max_tries``.
+    """
+
+    def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
+        if delay is not None and delay < 0:
+            raise InvalidDelay(f"RetryJob delay must be >= 0 seconds, got {delay!r}")
+        super().__init__(message or "the job asked to be retried")
+        self.delay = delay
+
+
+class FailJob(OutboxError):
+    """Raised by ``handle()`` to fail the job now: no more attempts, straight to failed_jobs."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or "the job asked to fail")

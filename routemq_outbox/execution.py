@@ -1,0 +1,146 @@
+"""Running one claimed job, apart from the claim loop: load it, run it, judge the result.
+
+Nothing here touches the database; the worker applies the :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import traceback
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
+from .job import Job, decode_payload, instantiate
+from .sql import Claimed
+
+__all__ = ["Outcome", "Verdict", "describe", "judge_expired", "load", "run"]
+
+
+class Verdict(Enum):
+    DONE = "done"
+    RETRY = "retry"
+    FAIL = "fail"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one attempt.
+
+    ``delay`` is the wait before the next attempt (RETRY; ``None`` keeps ``available_at``).
+    ``job`` is the loaded instance, when loading worked (FAIL calls its ``failed()``).
+    """
+
+    verdict: Verdict
+    job: Job | None = None
+    error: BaseException | None = None
+    delay: float | None = None
+    duration: float = 0.0
+    max_tries: int = 0
+
+
+def load(claimed: Claimed) -> Job:
+    """The job instance stored in ``claimed``; raises a JobLoadError for a bad row."""
+    name, data = decode_payload(claimed.payload)
+    job = instantiate(name, data, claimed.queue)
+    job.__dict__["_attempt"] = claimed.attempts
+    job.__dict__["_job_id"] = claimed.id
+    return job
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` then the traceback: what failed_jobs.exception holds."""
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    head = f"{name}: {exc}" if str(exc) else name
+    return head + "\n\n" + "".join(traceback.format_exception(exc)).rstrip()
+
+
+async def _call_handle(job: Job) -> None:
+    handle = job.handle
+    if inspect.iscoroutinefunction(handle):
+        await handle()
+        return
+    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop.
+    result = await asyncio.to_thread(handle)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _cancelled_from_outside() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _after_failure(
+    job: Job, claimed: Claimed, max_tries: int, error: BaseException, started: float
+) -> Outcome:
+    duration = time.perf_counter() - started
+    if isinstance(error, FailJob) or claimed.attempts >= max_tries:
+        return Outcome(Verdict.FAIL, job, error, None, duration, max_tries)
+    delay = error.delay if isinstance(error, RetryJob) and error.delay is not None else None
+    if delay is None:
+        delay = max(0.0, float(job.retry_delay(claimed.attempts)))
+    return Outcome(Verdict.RETRY, job, error, delay, duration, max_tries)
+
+
+async def run(
+    claimed: Claimed, *, time_limit: float | None = None, max_tries: int | None = None
+) -> Outcome:
+    """Run one attempt of ``claimed``. ``time_limit``/``max_tries`` override the job's own."""
+    started = time.perf_counter()
+    try:
+        job = load(claimed)
+    except JobLoadError as exc:
+        return Outcome(Verdict.FAIL, None, exc, None, time.perf_counter() - started, 0)
+    tries = max_tries or job.max_tries
+    if claimed.attempts > tries:
+        error: BaseException = FailJob(
+            f"attempt {claimed.attempts} is past max_tries={tries}; not run again"
+        )
+        return Outcome(Verdict.FAIL, job, error, None, 0.0, tries)
+    limit = time_limit or job.timeout
+    scope = asyncio.timeout(limit)
+    try:
+        async with scope:
+            await _call_handle(job)
+    except TimeoutError as exc:
+        if not scope.expired():  # a TimeoutError of the job's own, not our limit
+            return _after_failure(job, claimed, tries, exc, started)
+        error = JobTimeout(f"attempt {claimed.attempts} ran longer than its {limit:g} s timeout")
+        error.__cause__ = exc
+        return _after_failure(job, claimed, tries, error, started)
+    except asyncio.CancelledError as exc:
+        if _cancelled_from_outside():
+            # The worker is shutting down and its grace period ran out.
+            return Outcome(Verdict.INTERRUPTED, job, None, None, time.perf_counter() - started)
+        return _after_failure(job, claimed, tries, exc, started)
+    except BaseException as exc:  # a job must not take the worker down
+        # SystemExit or KeyboardInterrupt raised *by job code* fail that attempt like any
+        # exception; signals to the worker process are handled by the worker, not here.
+        return _after_failure(job, claimed, tries, exc, started)
+    return Outcome(Verdict.DONE, job, None, None, time.perf_counter() - started, tries)
+
+
+def judge_expired(claimed: Claimed, *, max_tries: int | None = None) -> Outcome:
+    """Decide the fate of a job whose worker stopped heartbeating mid-attempt.
+
+    It goes back to pending if attempts remain, else to failed_jobs with LeaseExpired.
+    """
+    try:
+        job = load(claimed)
+    except JobLoadError as exc:
+        return Outcome(Verdict.FAIL, None, exc)
+    tries = max_tries or job.max_tries
+    if claimed.attempts < tries:
+        return Outcome(Verdict.RETRY, job, None, None, 0.0, tries)
+    error = LeaseExpired(
+        f"the worker running attempt {claimed.attempts} of {tries} stopped heartbeating "
+        "(it crashed, was killed or lost the database) before the job finished"
+    )
+    return Outcome(Verdict.FAIL, job, error, None, 0.0, tries)

@@ -1,0 +1,222 @@
+"""The tables, defined once with SQLAlchemy Core, and the database clock.
+
+The migrations in ``migrations/`` must produce exactly these tables; a test compares them.
+
+A row of ``jobs`` is *pending* when ``reserved_at`` is null and *reserved* (a worker holds it)
+when ``reserved_at``, ``token`` and ``lease_expires_at`` are all set; a CHECK constraint
+allows no other mix. ``token`` is new on every claim, and every write a worker makes to a job
+it holds is guarded by it, so a worker whose lease expired cannot touch the job again.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+__all__ = [
+    "QUEUE_NAME_MAX",
+    "Payload",
+    "UTCDateTime",
+    "db_now",
+    "db_now_plus",
+    "failed_jobs",
+    "jobs",
+    "metadata",
+]
+
+QUEUE_NAME_MAX = 255
+
+_NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = sa.MetaData(naming_convention=_NAMING)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every engine.
+
+    PostgreSQL stores ``timestamptz``; SQLite and MySQL have no zone, so they store UTC and the
+    zone is put back on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: routemq-outbox stores aware UTC times")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Payload(sa.types.TypeDecorator[str]):
+    """JSON (JSONB on PostgreSQL) that passes JSON *text* through untouched.
+
+    The library serialises payloads itself (to name an attribute that cannot be stored, and to
+    enforce the size limit on the exact bytes), and reads them back as text so that one bad row
+    cannot break a whole claimed batch. Select it with ``sa.cast(column, sa.Text)`` to get text
+    on PostgreSQL too, whose driver otherwise decodes JSONB.
+    """
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSONB())
+        return dialect.type_descriptor(sa.JSON())
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> None:
+        return None
+
+
+class db_now(FunctionElement[datetime]):
+    """The database's current UTC time: the one clock that decides when a job is due."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now"
+
+
+class db_now_plus(FunctionElement[datetime]):
+    """The database's current UTC time plus a number of seconds (a float expression)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now_plus"
+
+
+# SQLite's own text format, matching what SQLAlchemy stores for DateTime there, with
+# milliseconds; julianday arithmetic keeps sub-second delays.
+_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+@compiles(db_now)
+def _now_default(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(db_now, "postgresql")
+def _now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(db_now, "sqlite")
+def _now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return _SQLITE_NOW
+
+
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "UTC_TIMESTAMP(6)"
+
+
+def _seconds(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return compiler.process(seconds, **kw)
+
+
+@compiles(db_now_plus, "postgresql")
+def _now_plus_postgresql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(now() + make_interval(secs => {_seconds(element, compiler, **kw)}))"
+
+
+@compiles(db_now_plus, "sqlite")
+def _now_plus_sqlite(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = _seconds(element, compiler, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f', julianday('now') + ({seconds}) / 86400.0)"
+
+
+@compiles(db_now_plus, "mysql")
+@compiles(db_now_plus, "mariadb")
+def _now_plus_mysql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = _seconds(element, compiler, **kw)
+    return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
+
+
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", _BigId, sa.Identity(), primary_key=True),
+    sa.Column("queue", sa.String(QUEUE_NAME_MAX), nullable=False),
+    sa.Column("payload", Payload(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    sa.Column("reserved_at", UTCDateTime(), nullable=True),
+    sa.Column("available_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    sa.Column("created_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    sa.Column("token", sa.BigInteger(), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.CheckConstraint("queue <> ''", name="queue_not_empty"),
+    sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    sa.CheckConstraint(
+        "(reserved_at IS NULL AND token IS NULL AND lease_expires_at IS NULL)"
+        " OR (reserved_at IS NOT NULL AND token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+        name="reservation_complete",
+    ),
+    sqlite_autoincrement=True,
+)
+
+# The claim reads only pending rows in (available_at, id) order within a queue; the partial
+# index holds exactly those rows, so claiming stays cheap however many are reserved.
+sa.Index(
+    "ix_jobs_claim",
+    jobs.c.queue,
+    jobs.c.available_at,
+    jobs.c.id,
+    postgresql_where=jobs.c.reserved_at.is_(None),
+    sqlite_where=jobs.c.reserved_at.is_(None),
+)
+# The reaper looks for reserved rows whose lease ran out; kept apart from the claim predicate.
+sa.Index(
+    "ix_jobs_lease",
+    jobs.c.lease_expires_at,
+    postgresql_where=jobs.c.reserved_at.isnot(None),
+    sqlite_where=jobs.c.reserved_at.isnot(None),
+)
+
+failed_jobs = sa.Table(
+    "failed_jobs",
+    metadata,
+    sa.Column("id", _BigId, sa.Identity(), primary_key=True),
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+    sa.Column("connection", sa.String(255), nullable=False),
+    sa.Column("queue", sa.String(QUEUE_NAME_MAX), nullable=False),
+    sa.Column("payload", Payload(), nullable=False),
+    sa.Column("exception", sa.Text(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("job_id", sa.BigInteger(), nullable=True),
+    sa.Column("failed_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_failed_jobs_queue_failed_at", failed_jobs.c.queue, failed_jobs.c.failed_at)
+sa.Index("ix_failed_jobs_failed_at", failed_jobs.c.failed_at)

@@ -1,0 +1,163 @@
+"""Fixtures: every test gets fresh, migrated databases.
+
+PostgreSQL: pytest-postgresql starts a throwaway server (needs PostgreSQL installed and a
+non-root user), or, when ``ROUTEMQ_OUTBOX_TEST_POSTGRESQL`` names a running server (e.g.
+``postgresql://postgres@127.0.0.1:5432/postgres``), uses that one. Either way the migrations
+run once into a template database and each test gets its own clone.
+
+SQLite: the migrated file is made once per session and copied for each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pytest_postgresql import factories
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from routemq_outbox.database import create_engine, create_sync_engine
+from routemq_outbox.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ENV = "ROUTEMQ_OUTBOX_TEST_POSTGRESQL"
+TEST_DBNAME = f"routemq_outbox_test_{os.getpid()}"
+
+
+def _migrate_template(
+    host: str, port: int, user: str, dbname: str, password: str | None = None, **_: Any
+) -> None:
+    url = sa.URL.create("postgresql+asyncpg", user, password, host, int(port), dbname)
+    upgrade(url.render_as_string(hide_password=False))
+
+
+def _pg_server_fixture() -> Callable[..., Any]:
+    server = os.environ.get(PG_ENV)
+    if server:
+        url = make_url(server)
+        return factories.postgresql_noproc(
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            user=url.username or "postgres",
+            password=url.password,
+            dbname=TEST_DBNAME,
+            maintenance_dbname=url.database or "postgres",
+            load=[_migrate_template],
+        )
+    return factories.postgresql_proc(dbname=TEST_DBNAME, load=[_migrate_template])
+
+
+pg_server = _pg_server_fixture()
+_pg_client = factories.postgresql("pg_server")
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> str:
+    """URL of a fresh, migrated PostgreSQL database for this test."""
+    if not os.environ.get(PG_ENV):
+        if os.geteuid() == 0:
+            pytest.fail(
+                f"PostgreSQL refuses to run as root: set {PG_ENV}="
+                "postgresql://postgres@127.0.0.1:5432/postgres to test against a running server"
+            )
+        if shutil.which("pg_ctl") is None and shutil.which("pg_config") is None:
+            pytest.skip(f"PostgreSQL is not installed: install it, or set {PG_ENV}")
+    conn = request.getfixturevalue("_pg_client")
+    info = conn.info
+    url = sa.URL.create(
+        "postgresql+asyncpg", info.user, info.password or None, info.host, info.port, info.dbname
+    )
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """URL of a fresh, migrated SQLite database file for this test."""
+    path = tmp_path / "outbox.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+BACKENDS = ["postgresql", "sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh migrated database of each backend, also set as the configured default."""
+    url: str = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(db_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sync_engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = create_sync_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never pick up the developer's own database settings."""
+    for name in list(os.environ):
+        if (name.startswith("ROUTEMQ_OUTBOX_") and name != PG_ENV) or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+async def _dispose_shared_engines() -> AsyncIterator[None]:
+    """Close the engines dispatch opened without a session, before the database is dropped."""
+    yield
+    from routemq_outbox import database
+
+    engines = database._async_engines.pop(asyncio.get_running_loop(), {})
+    for engine in engines.values():
+        await engine.dispose()
+    for sync in database._sync_engines.values():
+        sync.dispose()
+    database._sync_engines.clear()
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m routemq_outbox ARGS`` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "routemq_outbox", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,182 @@
+"""Job classes the tests dispatch and the worker processes import (``--import tests.jobs``).
+
+Jobs that leave a trace write it to the ``job_log`` table of the database in
+``ROUTEMQ_OUTBOX_DATABASE_URL``, through their own connection, as a user's job would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import sqlalchemy as sa
+
+from routemq_outbox import FailJob, Job, RetryJob
+from routemq_outbox.database import connection_engine, create_sync_engine
+
+log_table = sa.table(
+    "job_log",
+    sa.column("job_key", sa.String),
+    sa.column("event", sa.String),
+    sa.column("attempt", sa.Integer),
+    sa.column("pid", sa.Integer),
+    sa.column("at", sa.Float),
+)
+
+CREATE_LOG = (
+    "CREATE TABLE IF NOT EXISTS job_log (job_key VARCHAR(100) NOT NULL, "
+    "event VARCHAR(40) NOT NULL, attempt INTEGER NOT NULL, pid INTEGER NOT NULL, at FLOAT NOT NULL)"
+)
+
+
+async def record(key: str, event: str, attempt: int) -> None:
+    async with connection_engine("default").begin() as conn:
+        await conn.execute(
+            sa.insert(log_table).values(
+                job_key=key, event=event, attempt=attempt, pid=os.getpid(), at=time.time()
+            )
+        )
+
+
+class Record(Job):
+    """Records that it ran."""
+
+    job_name = "tests.record"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+
+
+class Sleepy(Job):
+    """Records its start, sleeps ``seconds``, records its end."""
+
+    job_name = "tests.sleepy"
+    timeout = 120
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.seconds = 1.0
+
+    async def handle(self) -> None:
+        await record(self.key, "start", self.attempt)
+        await asyncio.sleep(self.seconds)
+        await record(self.key, "end", self.attempt)
+
+
+class Flaky(Job):
+    """Fails its first ``failures`` attempts, then succeeds."""
+
+    job_name = "tests.flaky"
+    max_tries = 3
+    retry_after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.failures = 2
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        if self.attempt <= self.failures:
+            raise ValueError(f"flaky failure {self.attempt}")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "failed", self.attempt)
+
+
+class AlwaysFails(Flaky):
+    job_name = "tests.always_fails"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1_000
+
+
+class AsksForRetry(Job):
+    job_name = "tests.asks_for_retry"
+    max_tries = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.delay = 30.0
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        raise RetryJob("not yet", delay=self.delay)
+
+
+class GivesUp(Job):
+    job_name = "tests.gives_up"
+    max_tries = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        raise FailJob("the order was cancelled")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "failed", self.attempt)
+
+
+class Slow(Job):
+    """Exceeds its timeout."""
+
+    job_name = "tests.slow"
+    timeout = 0.2
+    max_tries = 2
+    retry_after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        await asyncio.sleep(30)
+
+
+class Unconstructible(Job):
+    """Cannot be built: rows naming it are inserted by hand."""
+
+    job_name = "tests.unconstructible"
+
+    def __init__(self) -> None:
+        raise RuntimeError("constructor exploded")
+
+    async def handle(self) -> None:  # pragma: no cover - never built
+        raise AssertionError("unreachable")
+
+
+class SyncHandle(Job):
+    """A plain ``def handle``: it runs in a thread."""
+
+    job_name = "tests.sync_handle"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    def handle(self) -> None:  # type: ignore[override]
+        time.sleep(0.05)
+        engine = create_sync_engine(os.environ["ROUTEMQ_OUTBOX_DATABASE_URL"])
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(log_table).values(
+                    job_key=self.key,
+                    event="ran",
+                    attempt=self.attempt,
+                    pid=os.getpid(),
+                    at=time.time(),
+                )
+            )
+        engine.dispose()
