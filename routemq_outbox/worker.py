@@ -289,18 +289,22 @@ class Worker:
             self.stats.succeeded += 1
             self._done.append((claimed.id, claimed.token))
             self._done_ready.set()
-            _log_job(logging.INFO, claimed, outcome, "succeeded")
+            _log_job(logging.INFO, claimed, outcome, f"succeeded in {_ms(outcome)}")
         elif verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
             held = await self._write(lambda: sql.release(self.engine, pair, delay=outcome.delay))
             self._held.pop(claimed.id, None)
-            if held:
-                self.stats.retried += 1
-                when = "now" if not outcome.delay else f"in {outcome.delay:.1f} s"
-                what = "lease expired; back to pending"
-                if outcome.error is not None:
-                    what = f"{_brief(outcome.error)}; retry {when}"
-                _log_job(logging.WARNING, claimed, outcome, what)
+            if not held:
+                return
+            self.stats.retried += 1
+            if not outcome.delay:
+                self._wake.set()  # due again at once: no reason to wait for the next poll
+            if outcome.error is None:
+                what = "was left by a worker that stopped heartbeating; back to pending"
+            else:
+                when = f"in {outcome.delay:g} s" if outcome.delay else "now"
+                what = f"failed in {_ms(outcome)} ({_brief(outcome.error)}); retrying {when}"
+            _log_job(logging.WARNING, claimed, outcome, what)
         elif verdict is Verdict.FAIL:
             await self._fail(claimed, outcome)
         else:
@@ -309,14 +313,13 @@ class Worker:
     async def _fail(self, claimed: sql.Claimed, outcome: Outcome) -> None:
         error = outcome.error
         assert error is not None
-        attempts = claimed.attempts if outcome.job is not None else max(claimed.attempts, 1)
         record = sql.FailedRecord(
             uuid=str(uuid.uuid4()),
             connection=self.settings.connection_name,
             queue=claimed.queue,
             payload=claimed.payload,
             exception=describe(error),
-            attempts=attempts,
+            attempts=claimed.attempts,
             job_id=claimed.id,
         )
         moved = await self._write(lambda: sql.move_to_failed(self.engine, claimed.token, record))
@@ -324,7 +327,9 @@ class Worker:
         if not moved:
             return
         self.stats.failed += 1
-        _log_job(logging.ERROR, claimed, outcome, f"failed permanently: {_brief(error)}")
+        how = "failed" if outcome.job is not None else "could not be loaded"
+        what = f"{how} ({_brief(error)}); moved to failed_jobs"
+        _log_job(logging.ERROR, claimed, outcome, what)
         if outcome.job is not None:
             try:
                 await outcome.job.failed(error)
@@ -550,15 +555,18 @@ def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str) -> N
     tries = f"/{outcome.max_tries}" if outcome.max_tries else ""
     log.log(
         level,
-        "job %s id=%d queue=%s attempt=%d%s %s in %.1f ms",
+        "job %s id=%d queue=%s attempt=%d%s %s",
         name,
         claimed.id,
         claimed.queue,
         claimed.attempts,
         tries,
         what,
-        outcome.duration * 1000,
     )
+
+
+def _ms(outcome: Outcome) -> str:
+    return f"{outcome.duration * 1000:.1f} ms"
 
 
 def import_job_modules(modules: Sequence[str]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pytest_postgresql import factories
+from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -78,6 +79,32 @@ def pg_url(request: pytest.FixtureRequest) -> str:
         "postgresql+asyncpg", info.user, info.password or None, info.host, info.port, info.dbname
     )
     return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def empty_pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database (no tables), dropped after the test."""
+    request.getfixturevalue("pg_url")  # the same checks and server
+    server = request.getfixturevalue("pg_server")
+    name = f"{TEST_DBNAME}_empty"
+    janitor = DatabaseJanitor(
+        user=server.user,
+        host=server.host,
+        port=server.port,
+        dbname=name,
+        maintenance_dbname=server.maintenance_dbname,
+        password=server.password,
+    )
+    with janitor:
+        url = sa.URL.create(
+            "postgresql+asyncpg",
+            server.user,
+            server.password or None,
+            server.host,
+            int(server.port),
+            name,
+        )
+        yield url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
