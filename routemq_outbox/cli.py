@@ -25,6 +25,7 @@ DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
+        metavar="URL",
         help="Database URL (default: ROUTEMQ_OUTBOX_DATABASE_URL, DATABASE_URL, or SQLite).",
         show_default=False,
     ),
@@ -40,13 +41,16 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def work(
     queue: Annotated[
         list[str] | None,
-        typer.Option("--queue", "-q", help="Queue to work; repeat for more, earlier first."),
+        typer.Option(
+            "--queue", "-q", metavar="NAME", help="Queue to work; repeat for more, earlier first."
+        ),
     ] = None,
     imports: Annotated[
         list[str] | None,
         typer.Option(
             "--import",
             "-i",
+            metavar="MODULE",
             help="Module defining Job classes; repeatable (also ROUTEMQ_OUTBOX_IMPORT).",
         ),
     ] = None,

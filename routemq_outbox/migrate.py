@@ -7,7 +7,10 @@ the same files in a checkout. The revision history lives in its own table
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
@@ -52,6 +55,18 @@ def alembic_config(url: str | None = None, *, stdout: TextIO | None = None) -> C
     return config
 
 
+def _outside_event_loop(run: Callable[[], None]) -> None:
+    """The alembic environment runs its own event loop: from inside a running one (an async
+    app's start-up, say), give it a thread. Prefer ``await asyncio.to_thread(upgrade)``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        run()
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="routemq-outbox-migrate") as pool:
+        pool.submit(run).result()
+
+
 def upgrade(
     url: str | None = None,
     revision: str = "head",
@@ -60,12 +75,14 @@ def upgrade(
     stdout: TextIO | None = None,
 ) -> None:
     """Upgrade the database at ``url`` to ``revision``; with ``sql``, print the DDL instead."""
-    command.upgrade(alembic_config(url, stdout=stdout), revision, sql=sql)
+    config = alembic_config(url, stdout=stdout)
+    _outside_event_loop(lambda: command.upgrade(config, revision, sql=sql))
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:
     """Downgrade the database at ``url`` to ``revision`` (``base`` drops the tables)."""
-    command.downgrade(alembic_config(url), revision)
+    config = alembic_config(url)
+    _outside_event_loop(lambda: command.downgrade(config, revision))
 
 
 def head_revision() -> str:

@@ -327,7 +327,7 @@ class Worker:
         if not moved:
             return
         self.stats.failed += 1
-        how = "failed" if outcome.job is not None else "could not be loaded"
+        how = f"failed in {_ms(outcome)}" if outcome.job is not None else "could not be loaded"
         what = f"{how} ({_brief(error)}); moved to failed_jobs"
         _log_job(logging.ERROR, claimed, outcome, what)
         if outcome.job is not None:

@@ -53,7 +53,8 @@ class Record(Job):
 
 
 class Sleepy(Job):
-    """Records its start, sleeps ``seconds``, records its end."""
+    """Records its start, sleeps ``seconds`` (``later_seconds`` after attempt 1 if set),
+    records its end."""
 
     job_name = "tests.sleepy"
     timeout = 120
@@ -62,11 +63,21 @@ class Sleepy(Job):
         super().__init__()
         self.key = ""
         self.seconds = 1.0
+        self.later_seconds: float | None = None
 
     async def handle(self) -> None:
         await record(self.key, "start", self.attempt)
-        await asyncio.sleep(self.seconds)
+        later = self.attempt > 1 and self.later_seconds is not None
+        await asyncio.sleep(self.later_seconds if later else self.seconds)  # type: ignore[arg-type]
         await record(self.key, "end", self.attempt)
+
+
+class Resilient(Sleepy):
+    """A Sleepy job that keeps trying through a database outage."""
+
+    job_name = "tests.resilient"
+    max_tries = 20
+    retry_after = 0.5
 
 
 class Flaky(Job):

@@ -129,6 +129,8 @@ def test_python_samples_run_as_printed(index: int, tmp_path: Path, sqlite_url: s
         assert result.stdout.strip() == "waiting: 2"
     if "dispatch_sync(job, session=session)" in code:
         assert result.stdout.strip() == "waiting: 1"
+    if "Worker(WorkerSettings(" in code:
+        assert result.stdout.strip() == "0 succeeded, 0 failed"
 
 
 async def test_fastapi_sample_dispatches_in_the_request_transaction(
