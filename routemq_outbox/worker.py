@@ -47,6 +47,7 @@ log = logging.getLogger("routemq_outbox.worker")
 # Errors that mean "the database is unreachable or misbehaving right now": log, back off, retry.
 TRANSIENT = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, OSError, TimeoutError)
 _BACKOFF_MAX = 30.0
+_FINISH_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -160,12 +161,13 @@ class Worker:
     async def run(self) -> WorkerStats:
         """Work until stopped (or a stop condition holds); returns what was done."""
         settings = self.settings
-        self._log_start()
+        listening = settings.listen and self.engine.dialect.name == "postgresql"
+        self._log_start(listening)
         helpers = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
             asyncio.create_task(self._maintain(), name="routemq-outbox maintenance"),
         ]
-        if settings.listen and self.engine.dialect.name == "postgresql":
+        if listening:
             helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
         else:
             helpers.append(asyncio.create_task(_wait(self._closed)))
@@ -364,7 +366,10 @@ class Worker:
                 if self._closed.is_set():
                     return
                 continue
-            batch, self._done = self._done, []
+            # Bounded, so that the statement stays within every engine's parameter limit.
+            batch, self._done = self._done[:_FINISH_BATCH], self._done[_FINISH_BATCH:]
+            if self._done:
+                self._done_ready.set()
             try:
                 deleted = await sql.finish(self.engine, batch)
             except TRANSIENT as exc:
@@ -511,7 +516,7 @@ class Worker:
 
     # ------------------------------------------------------------------ logging
 
-    def _log_start(self) -> None:
+    def _log_start(self, listening: bool) -> None:
         s = self.settings
         log.info(
             "worker started: database=%s queues=%s concurrency=%d batch_size=%d sleep=%gs "
@@ -524,7 +529,7 @@ class Worker:
             s.sleep,
             s.lease,
             s.grace,
-            s.listen,
+            listening,
             s.max_jobs,
             s.max_time,
             s.stop_when_empty,
