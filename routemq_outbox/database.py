@@ -61,14 +61,29 @@ def _sqlite_setup(sync_engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN")
 
 
-def create_engine(url: str | URL, *, pool_size: int = 5, **kwargs: Any) -> AsyncEngine:
-    """An AsyncEngine for ``url`` (any driver is swapped for the asyncio one)."""
+def create_engine(
+    url: str | URL, *, pool_size: int = 5, worker: bool = False, **kwargs: Any
+) -> AsyncEngine:
+    """An AsyncEngine for ``url`` (any driver is swapped for the asyncio one).
+
+    ``worker=True`` is for the worker's own bookkeeping. On PostgreSQL its commits do not wait
+    for the WAL flush (``synchronous_commit = off``): a database crash can forget the last
+    fraction of a second of claims and deletions, which at worst runs a job again, as
+    at-least-once delivery allows, and in exchange a commit costs no disk wait. Jobs
+    themselves, and producers, keep full durability.
+    """
     target = async_url(url)
+    family = dialect_family(target)
     options: dict[str, Any] = {}
     if "poolclass" not in kwargs:
         options.update(pool_size=pool_size, max_overflow=pool_size)
-    if dialect_family(target) == "sqlite":
+    if family == "sqlite":
         options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    if family == "postgresql" and target.get_driver_name() == "asyncpg":
+        settings = {"application_name": "routemq-outbox" + (" worker" if worker else "")}
+        if worker:
+            settings["synchronous_commit"] = "off"
+        options["connect_args"] = {"server_settings": settings}
     options.update(kwargs)
     try:
         engine = create_async_engine(target, **options)

@@ -1,7 +1,9 @@
 """Every statement routemq-outbox runs, per dialect where they differ. Nothing else builds SQL.
 
 Dispatch statements are *built* here and executed by the caller in its own transaction (async or
-sync). Worker operations *run* here, each in one short transaction of their own.
+sync). Worker operations *run* here, each in one short transaction of their own on the
+connection the worker passes: for the hot ones (claim, finish) a connection it keeps, which on
+PostgreSQL is in autocommit mode so that a one-statement transaction costs one round trip.
 
 Claiming follows "The life of a job": on PostgreSQL one statement locks due rows with
 ``FOR UPDATE SKIP LOCKED`` in a CTE (which the planner cannot flatten, so the ``LIMIT`` holds)
@@ -15,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
 from .schema import Payload, UTCDateTime, db_now, db_now_plus, failed_jobs, jobs
@@ -141,8 +143,7 @@ def size_statement(queue: str) -> sa.Select[Any]:
 # ----------------------------------------------------------------------------------- worker
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed:
+class Claimed(NamedTuple):
     """A job row a worker now holds under ``token``; ``attempts`` counts this attempt."""
 
     id: int
@@ -167,114 +168,144 @@ class FailedRecord:
 
 _PAYLOAD_TEXT = sa.cast(jobs.c.payload, sa.Text()).label("payload")
 _RETURNED = (jobs.c.id, jobs.c.queue, _PAYLOAD_TEXT, jobs.c.attempts)
+_LIMIT = sa.bindparam("limit", type_=sa.Integer())
+_RESERVE = {
+    "reserved_at": db_now(),
+    "token": sa.bindparam("new_token", type_=sa.BigInteger()),
+    "lease_expires_at": db_now_plus(sa.bindparam("lease", type_=sa.Float())),
+}
 
 
-def _due(queue: str) -> list[sa.ColumnElement[bool]]:
-    return [jobs.c.queue == queue, jobs.c.reserved_at.is_(None), jobs.c.available_at <= db_now()]
+class _Reservation(NamedTuple):
+    """The statements of one way of reserving rows, built once: the worker runs them
+    thousands of times a second, and building SQLAlchemy constructs is not free."""
+
+    lock: sa.Select[Any]  # MySQL: lock the rows (then ``mark`` them)
+    mark: sa.Update  # MySQL: by expanding ``ids``
+    reserve: sa.Update  # elsewhere: pick and mark in one statement, RETURNING the rows
 
 
-def _expired() -> list[sa.ColumnElement[bool]]:
-    return [jobs.c.reserved_at.isnot(None), jobs.c.lease_expires_at < db_now()]
-
-
-def _reserve_values(token: int, lease: float, *, count_attempt: bool) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "reserved_at": db_now(),
-        "token": token,
-        "lease_expires_at": db_now_plus(sa.literal(float(lease), sa.Float())),
-    }
+def _reservation(
+    where: Sequence[sa.ColumnElement[bool]],
+    order_by: Sequence[sa.ColumnElement[Any]],
+    *,
+    count_attempt: bool,
+) -> dict[str, _Reservation]:
+    values = dict(_RESERVE)
     if count_attempt:
         values["attempts"] = jobs.c.attempts + 1
-    return values
+    picked = sa.select(jobs.c.id).where(*where).order_by(*order_by).limit(_LIMIT)
+    cte = picked.with_for_update(skip_locked=True).cte("picked")
+    lock = sa.select(*_RETURNED).where(*where).order_by(*order_by).limit(_LIMIT)
+    mark = sa.update(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True))).values(values)
+    return {
+        "postgresql": _Reservation(
+            lock,
+            mark,
+            sa.update(jobs).where(jobs.c.id == cte.c.id).values(values).returning(*_RETURNED),
+        ),
+        "sqlite": _Reservation(
+            lock,
+            mark,
+            sa.update(jobs)
+            .where(jobs.c.id.in_(picked.scalar_subquery()))
+            .values(values)
+            .returning(*_RETURNED),
+        ),
+        "mysql": _Reservation(lock.with_for_update(skip_locked=True), mark, mark),
+    }
+
+
+_CLAIM = _reservation(
+    [
+        jobs.c.queue == sa.bindparam("queue_name", type_=sa.String()),
+        jobs.c.reserved_at.is_(None),
+        jobs.c.available_at <= db_now(),
+    ],
+    (jobs.c.available_at, jobs.c.id),
+    count_attempt=True,
+)
+_RESCUE = _reservation(
+    [jobs.c.reserved_at.isnot(None), jobs.c.lease_expires_at < db_now()],
+    (jobs.c.lease_expires_at, jobs.c.id),
+    count_attempt=False,
+)
 
 
 async def _reserve(
-    engine: AsyncEngine,
-    where: list[sa.ColumnElement[bool]],
-    order_by: Sequence[sa.ColumnElement[Any]],
-    limit: int,
-    token: int,
-    lease: float,
+    conn: AsyncConnection,
+    statements: dict[str, _Reservation],
+    params: dict[str, Any],
     *,
     count_attempt: bool,
 ) -> list[Claimed]:
-    values = _reserve_values(token, lease, count_attempt=count_attempt)
-    async with engine.begin() as conn:
-        kind = family(conn.dialect.name)
+    token = params["new_token"]
+    kind = family(conn.dialect.name)
+    async with conn.begin():
         if kind == "mysql":
-            locked = (
-                await conn.execute(
-                    sa.select(*_RETURNED)
-                    .where(*where)
-                    .order_by(*order_by)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
+            reservation = statements[kind]
+            locked = (await conn.execute(reservation.lock, params)).all()
             if not locked:
                 return []
-            await conn.execute(
-                sa.update(jobs).where(jobs.c.id.in_([row.id for row in locked])).values(values)
-            )
+            await conn.execute(reservation.mark, {**params, "ids": [row[0] for row in locked]})
             bump = 1 if count_attempt else 0
-            return [Claimed(r.id, r.queue, r.payload, r.attempts + bump, token) for r in locked]
-        picked = sa.select(jobs.c.id).where(*where).order_by(*order_by).limit(limit)
-        if kind == "postgresql":
-            cte = picked.with_for_update(skip_locked=True).cte("picked")
-            stmt = sa.update(jobs).where(jobs.c.id == cte.c.id)
-        else:
-            stmt = sa.update(jobs).where(jobs.c.id.in_(picked.scalar_subquery()))
-        rows = (await conn.execute(stmt.values(values).returning(*_RETURNED))).all()
-        return [Claimed(r.id, r.queue, r.payload, r.attempts, token) for r in rows]
+            return [Claimed(i, q, p, a + bump, token) for i, q, p, a in locked]
+        rows = (await conn.execute(statements[kind].reserve, params)).all()
+        return [Claimed(i, q, p, a, token) for i, q, p, a in rows]
 
 
 async def claim(
-    engine: AsyncEngine, queue: str, limit: int, token: int, lease: float
+    conn: AsyncConnection, queue: str, limit: int, token: int, lease: float
 ) -> list[Claimed]:
     """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first."""
-    return await _reserve(
-        engine,
-        _due(queue),
-        (jobs.c.available_at, jobs.c.id),
-        limit,
-        token,
-        lease,
-        count_attempt=True,
-    )
+    params = {"queue_name": queue, "limit": limit, "new_token": token, "lease": float(lease)}
+    return await _reserve(conn, _CLAIM, params, count_attempt=True)
 
 
 async def rescue_expired(
-    engine: AsyncEngine, limit: int, token: int, lease: float
+    conn: AsyncConnection, limit: int, token: int, lease: float
 ) -> list[Claimed]:
     """Take over up to ``limit`` jobs whose worker stopped heartbeating (attempts unchanged).
 
     The caller decides, job by job, to put each back to pending or to fail it.
     """
-    return await _reserve(
-        engine,
-        _expired(),
-        (jobs.c.lease_expires_at, jobs.c.id),
-        limit,
-        token,
-        lease,
-        count_attempt=False,
-    )
+    params = {"limit": limit, "new_token": token, "lease": float(lease)}
+    return await _reserve(conn, _RESCUE, params, count_attempt=False)
 
 
 def _held(pairs: Sequence[tuple[int, int]]) -> sa.ColumnElement[bool]:
     return sa.tuple_(jobs.c.id, jobs.c.token).in_(list(pairs))
 
 
-async def finish(engine: AsyncEngine, pairs: Sequence[tuple[int, int]]) -> int:
+# PostgreSQL: the pairs travel as two arrays (two parameters however many jobs), and the
+# delete joins them on the primary key.
+_PAIRS = (
+    sa.func.unnest(
+        sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger())),
+        sa.bindparam("tokens", type_=postgresql.ARRAY(sa.BigInteger())),
+    )
+    .table_valued("id", "token")
+    .render_derived(name="held")
+)
+_FINISH_POSTGRESQL = sa.delete(jobs).where(jobs.c.id == _PAIRS.c.id, jobs.c.token == _PAIRS.c.token)
+
+
+async def finish(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:
     """Delete finished jobs given as (id, token); returns how many this worker still held."""
-    async with engine.begin() as conn:
-        result = await conn.execute(sa.delete(jobs).where(_held(pairs)))
+    async with conn.begin():
+        if family(conn.dialect.name) == "postgresql":
+            ids, tokens = zip(*pairs, strict=True)
+            result = await conn.execute(_FINISH_POSTGRESQL, {"ids": ids, "tokens": tokens})
+        else:
+            result = await conn.execute(sa.delete(jobs).where(_held(pairs)))
     return int(result.rowcount)
 
 
-async def extend_leases(engine: AsyncEngine, pairs: Sequence[tuple[int, int]], lease: float) -> int:
+async def extend_leases(
+    conn: AsyncConnection, pairs: Sequence[tuple[int, int]], lease: float
+) -> int:
     """Push the lease of held jobs ``lease`` seconds past now; returns how many are still held."""
-    async with engine.begin() as conn:
+    async with conn.begin():
         result = await conn.execute(
             sa.update(jobs)
             .where(_held(pairs))
@@ -284,7 +315,7 @@ async def extend_leases(engine: AsyncEngine, pairs: Sequence[tuple[int, int]], l
 
 
 async def release(
-    engine: AsyncEngine,
+    conn: AsyncConnection,
     pairs: Sequence[tuple[int, int]],
     *,
     delay: float | None,
@@ -300,17 +331,18 @@ async def release(
         values["available_at"] = db_now_plus(sa.literal(float(delay), sa.Float()))
     if refund_attempt:
         values["attempts"] = sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
-    async with engine.begin() as conn:
+    async with conn.begin():
         result = await conn.execute(sa.update(jobs).where(_held(pairs)).values(values))
     return int(result.rowcount)
 
 
-async def move_to_failed(engine: AsyncEngine, token: int, record: FailedRecord) -> bool:
-    """Delete the held job and insert it into failed_jobs, in one transaction.
+async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord) -> bool:
+    """Delete the held job and insert it into failed_jobs, in one transaction (``conn`` must not
+    be in autocommit mode).
 
     Returns False (and changes nothing) when the worker no longer holds the job.
     """
-    async with engine.begin() as conn:
+    async with conn.begin():
         deleted = await conn.execute(
             sa.delete(jobs).where(jobs.c.id == record.job_id, jobs.c.token == token)
         )

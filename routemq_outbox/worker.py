@@ -37,7 +37,7 @@ from . import sql
 from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
 from .errors import ConfigurationError
-from .execution import Outcome, Verdict, describe, judge_expired, run
+from .execution import Attempt, Outcome, Verdict, describe, judge_expired, run
 from .job import registered_jobs, validate_queue_name
 
 __all__ = ["Worker", "WorkerSettings", "WorkerStats", "import_job_modules", "serve"]
@@ -48,6 +48,7 @@ log = logging.getLogger("routemq_outbox.worker")
 TRANSIENT = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, OSError, TimeoutError)
 _BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
+_WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,32 @@ class _Backoff:
         self.delay = 0.0
 
 
+class _Lane:
+    """A connection that one loop keeps for its statements: no pool checkout per statement,
+    and on PostgreSQL autocommit, so that a one-statement transaction is one round trip."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def get(self) -> AsyncConnection:
+        if self._conn is None:
+            conn = await self._engine.connect()
+            if self._engine.dialect.name == "postgresql":
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._conn = conn
+        return self._conn
+
+    async def reset(self) -> None:
+        """Drop the connection after an error (it may be dead); the next get() opens one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
 class Worker:
     """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully."""
 
@@ -136,7 +163,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._running: dict[asyncio.Task[None], sql.Claimed] = {}
+        self._running: dict[asyncio.Task[None], Attempt] = {}
         self._held: dict[int, int] = {}  # job id -> token, for every job this worker holds
         self._done: list[tuple[int, int]] = []
         self._done_ready = asyncio.Event()
@@ -154,28 +181,28 @@ class Worker:
     def engine(self) -> AsyncEngine:
         if self._engine is None:
             self._engine = create_engine(
-                self.settings.database_url, pool_size=4, max_overflow=self.settings.concurrency
+                self.settings.database_url,
+                pool_size=4,
+                max_overflow=self.settings.concurrency,
+                worker=True,
             )
         return self._engine
 
     async def run(self) -> WorkerStats:
         """Work until stopped (or a stop condition holds); returns what was done."""
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
+        self._claim_lane = _Lane(self.engine)
         helpers = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
             asyncio.create_task(self._maintain(), name="routemq-outbox maintenance"),
+            asyncio.create_task(self._watchdog(), name="routemq-outbox watchdog"),
         ]
         if listening:
             helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
-        else:
-            helpers.append(asyncio.create_task(_wait(self._closed)))
-        timer = (
-            asyncio.get_running_loop().call_later(settings.max_time, self.stop)
-            if settings.max_time
-            else None
-        )
+        timer = self._loop.call_later(settings.max_time, self.stop) if settings.max_time else None
         try:
             await self._claim_loop()
         finally:
@@ -186,9 +213,11 @@ class Worker:
             self._closed.set()
             self._done_ready.set()
             # The completer flushes what is left and maintenance ends its round; the
-            # listener has nothing to finish.
-            helpers[-1].cancel()
+            # watchdog and the listener have nothing to finish.
+            for helper in helpers[2:]:
+                helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            await self._claim_lane.reset()
             await self._release_unfinished()
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
@@ -225,6 +254,7 @@ class Worker:
             try:
                 claimed = await self._claim(wanted)
             except TRANSIENT as exc:
+                await self._claim_lane.reset()
                 pause = backoff.next()
                 log.warning("claiming failed (%s); retrying in %.1f s", _brief(exc), pause)
                 await self._pause(pause)
@@ -245,8 +275,9 @@ class Worker:
         """Claim and start up to ``wanted`` jobs, from the earlier queues first."""
         token = secrets.randbits(63)
         claimed = 0
+        conn = await self._claim_lane.get()
         for queue in self.settings.queues:
-            got = await sql.claim(self.engine, queue, wanted - claimed, token, self.settings.lease)
+            got = await sql.claim(conn, queue, wanted - claimed, token, self.settings.lease)
             for job in got:
                 self._start(job)  # at once: a failure on the next queue must not orphan these
             claimed += len(got)
@@ -268,45 +299,75 @@ class Worker:
     def _start(self, claimed: sql.Claimed) -> None:
         self.stats.claimed += 1
         self._held[claimed.id] = claimed.token
-        task = asyncio.create_task(self._process(claimed), name=f"routemq-outbox job {claimed.id}")
-        self._running[task] = claimed
-        task.add_done_callback(self._finished)
+        attempt = Attempt(claimed)
+        attempt.task = task = self._loop.create_task(self._process(attempt))
+        self._running[task] = attempt
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        self._slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal error while processing a job", exc_info=task.exception())
+    async def _process(self, attempt: Attempt) -> None:
+        claimed = attempt.claimed
+        try:
+            outcome = await run(
+                attempt, time_limit=self.settings.timeout, max_tries=self.settings.max_tries
+            )
+            if outcome.verdict is Verdict.DONE:
+                self._succeeded(claimed, outcome)  # the common case, without another await
+            else:
+                await self._apply(claimed, outcome)
+        except Exception:
+            # Let the lease run out rather than heartbeat a job nobody will finish.
+            self._held.pop(claimed.id, None)
+            log.exception("internal error while processing job id=%d", claimed.id)
+        finally:
+            del self._running[attempt.task]  # type: ignore[arg-type]
+            self._slot_freed.set()
 
-    async def _process(self, claimed: sql.Claimed) -> None:
-        outcome = await run(
-            claimed, time_limit=self.settings.timeout, max_tries=self.settings.max_tries
-        )
-        await self._apply(claimed, outcome)
+    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome) -> None:
+        self.stats.succeeded += 1
+        self._done.append((claimed.id, claimed.token))
+        self._done_ready.set()
+        _log_job(logging.INFO, claimed, outcome, "succeeded in %.1f ms", _ms(outcome))
+
+    async def _watchdog(self) -> None:
+        """Cancel attempts that ran past their timeout."""
+        while True:
+            await asyncio.sleep(_WATCHDOG_TICK)
+            now = time.monotonic()
+            for attempt in list(self._running.values()):
+                attempt.expire(now)
 
     async def _apply(self, claimed: sql.Claimed, outcome: Outcome) -> None:
         """Write down the outcome of one attempt (or of a rescued job)."""
         verdict = outcome.verdict
         if verdict is Verdict.DONE:
-            self.stats.succeeded += 1
-            self._done.append((claimed.id, claimed.token))
-            self._done_ready.set()
-            _log_job(logging.INFO, claimed, outcome, f"succeeded in {_ms(outcome)}")
+            self._succeeded(claimed, outcome)
         elif verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
-            held = await self._write(lambda: sql.release(self.engine, pair, delay=outcome.delay))
+            held = await self._write(lambda conn: sql.release(conn, pair, delay=outcome.delay))
             self._held.pop(claimed.id, None)
             if not held:
+                _log_lost(claimed, "retry")
                 return
             self.stats.retried += 1
             if not outcome.delay:
                 self._wake.set()  # due again at once: no reason to wait for the next poll
             if outcome.error is None:
-                what = "was left by a worker that stopped heartbeating; back to pending"
+                _log_job(
+                    logging.WARNING,
+                    claimed,
+                    outcome,
+                    "was left by a worker that stopped heartbeating; back to pending",
+                )
             else:
                 when = f"in {outcome.delay:g} s" if outcome.delay else "now"
-                what = f"failed in {_ms(outcome)} ({_brief(outcome.error)}); retrying {when}"
-            _log_job(logging.WARNING, claimed, outcome, what)
+                _log_job(
+                    logging.WARNING,
+                    claimed,
+                    outcome,
+                    "failed in %.1f ms (%s); retrying %s",
+                    _ms(outcome),
+                    _brief(outcome.error),
+                    when,
+                )
         elif verdict is Verdict.FAIL:
             await self._fail(claimed, outcome)
         else:
@@ -324,26 +385,29 @@ class Worker:
             attempts=claimed.attempts,
             job_id=claimed.id,
         )
-        moved = await self._write(lambda: sql.move_to_failed(self.engine, claimed.token, record))
+        moved = await self._write(lambda conn: sql.move_to_failed(conn, claimed.token, record))
         self._held.pop(claimed.id, None)
         if not moved:
+            _log_lost(claimed, "failure")
             return
         self.stats.failed += 1
-        how = f"failed in {_ms(outcome)}" if outcome.job is not None else "could not be loaded"
-        what = f"{how} ({_brief(error)}); moved to failed_jobs"
-        _log_job(logging.ERROR, claimed, outcome, what)
+        how = f"failed in {_ms(outcome):.1f} ms" if outcome.job else "could not be loaded"
+        _log_job(
+            logging.ERROR, claimed, outcome, "%s (%s); moved to failed_jobs", how, _brief(error)
+        )
         if outcome.job is not None:
             try:
                 await outcome.job.failed(error)
             except Exception:
                 log.exception("failed() of job id=%d raised", claimed.id)
 
-    async def _write(self, operation: Callable[[], Awaitable[int | bool]]) -> bool:
+    async def _write(self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]) -> bool:
         """Run a guarded write until the database takes it; False if the job was not ours."""
         backoff = _Backoff()
         while True:
             try:
-                return bool(await operation())
+                async with self.engine.connect() as conn:
+                    return bool(await operation(conn))
             except TRANSIENT as exc:
                 if self._closed.is_set():
                     log.warning(
@@ -359,6 +423,13 @@ class Worker:
     async def _completer(self) -> None:
         """Delete finished jobs in batches: whatever finished while the last delete ran."""
         backoff = _Backoff()
+        lane = _Lane(self.engine)
+        try:
+            await self._complete(lane, backoff)
+        finally:
+            await lane.reset()
+
+    async def _complete(self, lane: _Lane, backoff: _Backoff) -> None:
         while True:
             await self._done_ready.wait()
             self._done_ready.clear()
@@ -371,8 +442,9 @@ class Worker:
             if self._done:
                 self._done_ready.set()
             try:
-                deleted = await sql.finish(self.engine, batch)
+                deleted = await sql.finish(await lane.get(), batch)
             except TRANSIENT as exc:
+                await lane.reset()
                 self._done = batch + self._done
                 if self._closed.is_set():
                     log.warning(
@@ -420,7 +492,8 @@ class Worker:
             return
         pairs = list(self._held.items())
         try:
-            released = await sql.release(self.engine, pairs, delay=None, refund_attempt=True)
+            async with self.engine.connect() as conn:
+                released = await sql.release(conn, pairs, delay=None, refund_attempt=True)
         except TRANSIENT as exc:
             log.warning(
                 "could not release %d unfinished jobs (%s); they run again after "
@@ -458,17 +531,16 @@ class Worker:
         pairs = list(self._held.items())
         if not pairs:
             return
-        kept = await sql.extend_leases(self.engine, pairs, self.settings.lease)
-        if kept < len(pairs):
-            log.warning(
-                "%d held jobs were taken over by other workers (leases had expired)",
-                len(pairs) - kept,
-            )
+        # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken over
+        # is reported where its outcome is written, which its token no longer allows.
+        async with self.engine.connect() as conn:
+            await sql.extend_leases(conn, pairs, self.settings.lease)
 
     async def _rescue(self) -> None:
-        rescued = await sql.rescue_expired(
-            self.engine, self.settings.batch_size, secrets.randbits(63), self.settings.lease
-        )
+        async with self.engine.connect() as conn:
+            rescued = await sql.rescue_expired(
+                conn, self.settings.batch_size, secrets.randbits(63), self.settings.lease
+            )
         for claimed in rescued:
             self._held[claimed.id] = claimed.token
             await self._apply(claimed, judge_expired(claimed, max_tries=self.settings.max_tries))
@@ -538,10 +610,6 @@ class Worker:
         )
 
 
-async def _wait(event: asyncio.Event) -> None:
-    await event.wait()
-
-
 async def _driver_connection(conn: AsyncConnection) -> Any:
     raw = await conn.get_raw_connection()
     return raw.driver_connection
@@ -553,25 +621,36 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str) -> None:
+def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str, *args: object) -> None:
+    """One line about one job; built only when the level is enabled (this is the hot path)."""
     if not log.isEnabledFor(level):
         return
     name = type(outcome.job).job_name if outcome.job is not None else "?"
     tries = f"/{outcome.max_tries}" if outcome.max_tries else ""
     log.log(
         level,
-        "job %s id=%d queue=%s attempt=%d%s %s",
+        "job %s id=%d queue=%s attempt=%d%s " + what,
         name,
         claimed.id,
         claimed.queue,
         claimed.attempts,
         tries,
+        *args,
+    )
+
+
+def _log_lost(claimed: sql.Claimed, what: str) -> None:
+    log.warning(
+        "job id=%d queue=%s: its lease had expired and another worker took it over; "
+        "this worker's %s was not recorded",
+        claimed.id,
+        claimed.queue,
         what,
     )
 
 
-def _ms(outcome: Outcome) -> str:
-    return f"{outcome.duration * 1000:.1f} ms"
+def _ms(outcome: Outcome) -> float:
+    return outcome.duration * 1000
 
 
 def import_job_modules(modules: Sequence[str]) -> None:

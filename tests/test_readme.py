@@ -69,7 +69,8 @@ async def test_queue_size_queries_match_the_library(engine: AsyncEngine) -> None
         await conn.execute(sa.update(jobs).values(available_at=db_now_plus(sa.literal(-10.0))))
     await queue.later(3600, Noop())
     await queue.later(7200, Noop())
-    (held,) = await claim(engine, "default", 1, secrets.randbits(63), 60)
+    async with engine.connect() as conn:
+        (held,) = await claim(conn, "default", 1, secrets.randbits(63), 60)
     async with engine.begin() as conn:
         for _ in range(2):
             await conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import signal
@@ -22,6 +23,12 @@ from routemq_outbox.sql import FailedRecord, claim, finish, move_to_failed, rele
 
 from . import jobs as test_jobs
 from .processes import PrivatePostgres, SpawnWorker, WorkerProcess
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    async with contextlib.AsyncExitStack() as exit_stack:
+        yield exit_stack
 
 
 @pytest.fixture
@@ -118,7 +125,8 @@ async def test_concurrent_worker_processes_run_every_job_exactly_once(
 
     rows = await log_rows(engine)
     keys = [row.job_key for row in rows]
-    assert len(keys) == total, f"{len(keys)} records for {total} jobs"
+    logs = "\n".join(line for w in workers for line in w.log().splitlines() if "INFO" not in line)
+    assert len(keys) == total, f"{len(keys)} records for {total} jobs; worker warnings:\n{logs}"
     assert set(keys) == {f"job-{i}" for i in range(total)}
     assert {row.attempt for row in rows} == {1}
     assert len({row.pid for row in rows}) >= 2, "the work was not shared between processes"
@@ -297,42 +305,44 @@ async def test_other_queues_are_left_alone(
 
 
 async def test_a_claim_never_exceeds_the_limit_and_orders_by_available_at(
-    db_url: str, engine: AsyncEngine
+    db_url: str, engine: AsyncEngine, stack: contextlib.AsyncExitStack
 ) -> None:
     await queue.later(60, record("later"))
     await queue.bulk([record(f"now-{i}") for i in range(5)])
     token = secrets.randbits(63)
-    got = await claim(engine, "default", 3, token, 30)
+    conn = await stack.enter_async_context(engine.connect())
+    got = await claim(conn, "default", 3, token, 30)
     assert [json.loads(c.payload)["data"]["key"] for c in sorted(got, key=lambda c: c.id)] == [
         "now-0",
         "now-1",
         "now-2",
     ]
     assert {c.attempts for c in got} == {1}
-    rest = await claim(engine, "default", 10, secrets.randbits(63), 30)
+    rest = await claim(conn, "default", 10, secrets.randbits(63), 30)
     assert len(rest) == 2  # the delayed one is not due
-    assert await claim(engine, "default", 10, secrets.randbits(63), 30) == []
+    assert await claim(conn, "default", 10, secrets.randbits(63), 30) == []
 
 
 async def test_a_worker_whose_lease_expired_cannot_touch_the_job(
-    db_url: str, engine: AsyncEngine
+    db_url: str, engine: AsyncEngine, stack: contextlib.AsyncExitStack
 ) -> None:
     await dispatch(record("fenced"))
-    (mine,) = await claim(engine, "default", 1, secrets.randbits(63), lease=0.01)
+    conn = await stack.enter_async_context(engine.connect())
+    (mine,) = await claim(conn, "default", 1, secrets.randbits(63), lease=0.01)
     await asyncio.sleep(0.1)
-    (theirs,) = await rescue_expired(engine, 10, secrets.randbits(63), lease=30)
+    (theirs,) = await rescue_expired(conn, 10, secrets.randbits(63), lease=30)
     assert theirs.id == mine.id
     assert theirs.token != mine.token
 
     stale = [(mine.id, mine.token)]
-    assert await finish(engine, stale) == 0
-    assert await release(engine, stale, delay=0) == 0
+    assert await finish(conn, stale) == 0
+    assert await release(conn, stale, delay=0) == 0
     record_ = FailedRecord("u-1", "default", "default", mine.payload, "E", 1, mine.id)
-    assert await move_to_failed(engine, mine.token, record_) is False
+    assert await move_to_failed(conn, mine.token, record_) is False
     assert await count(engine, failed_jobs) == 0
-    async with engine.connect() as conn:
-        assert (await conn.execute(sa.select(jobs.c.token))).scalar_one() == theirs.token
-    assert await finish(engine, [(theirs.id, theirs.token)]) == 1
+    async with engine.connect() as other:
+        assert (await other.execute(sa.select(jobs.c.token))).scalar_one() == theirs.token
+    assert await finish(conn, [(theirs.id, theirs.token)]) == 1
 
 
 # ----------------------------------------------------------------------------- bad rows
