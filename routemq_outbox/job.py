@@ -167,6 +167,10 @@ def registered_jobs() -> dict[str, type[Job]]:
     return dict(_registry)
 
 
+# One encoder for every payload: json.dumps() with options builds a new encoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def _data(job: Job) -> dict[str, Any]:
     return {k: v for k, v in vars(job).items() if not k.startswith("_") and k not in _NOT_DATA}
 
@@ -202,12 +206,7 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
         )
     data = _data(job)
     try:
-        text = json.dumps(
-            {"job": type(job).job_name, "data": data},
-            ensure_ascii=False,
-            allow_nan=False,
-            separators=(",", ":"),
-        )
+        text = _encode({"job": type(job).job_name, "data": data})
     except (TypeError, ValueError) as exc:
         for attribute, value in data.items():
             found = _find_unserializable(value, attribute)
@@ -219,7 +218,8 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
                     "which cannot be stored as JSON (use str, int, float, bool, None, list, dict)"
                 ) from None
         raise UnserializableJob(f"{type(job).__qualname__}: {exc}") from None  # pragma: no cover
-    size = len(text.encode())
+    # UTF-8 takes at most 4 bytes a character: only long texts need encoding to be measured.
+    size = len(text) if len(text) * 4 <= max_bytes else len(text.encode())
     if size > max_bytes:
         raise PayloadTooLarge(
             f"{type(job).__qualname__}: payload is {size} bytes; the limit is {max_bytes} "

@@ -180,11 +180,11 @@ class Worker:
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
+            # Three connections are held for good (claims, deletes, LISTEN); the others serve
+            # heartbeats and the rarer writes (retries, failures), which queue for a connection
+            # rather than open dozens: the server's connection limit is shared by every worker.
             self._engine = create_engine(
-                self.settings.database_url,
-                pool_size=4,
-                max_overflow=self.settings.concurrency,
-                worker=True,
+                self.settings.database_url, pool_size=5, max_overflow=5, worker=True
             )
         return self._engine
 
