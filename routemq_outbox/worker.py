@@ -8,7 +8,9 @@ One :class:`Worker` runs a few cooperating loops on one event loop:
 - the **completer** deletes finished jobs in batches, guarded by their reservation tokens;
 - **maintenance** extends the leases of held jobs (heartbeats) and takes over jobs whose
   worker stopped heartbeating, returning them to pending or failing them;
-- the **listener** (PostgreSQL) holds a LISTEN connection and reconnects when it drops.
+- the **listener** (PostgreSQL) holds a LISTEN connection and reconnects when it drops;
+- an optional **observer** (:class:`WorkerObserver`, e.g. the Prometheus metrics) is told of
+  every claim and every recorded outcome, and runs its own periodic task beside the worker.
 
 Every database write the worker makes to a job is guarded by the token it got when claiming
 it, so a worker whose lease expired can never change a job another worker now holds.
@@ -28,7 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -37,10 +39,18 @@ from . import sql
 from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
 from .errors import ConfigurationError
+from .errors import brief as _brief
 from .execution import Outcome, Verdict, describe, judge_expired, run
 from .job import registered_jobs, validate_queue_name
 
-__all__ = ["Worker", "WorkerSettings", "WorkerStats", "import_job_modules", "serve"]
+__all__ = [
+    "Worker",
+    "WorkerObserver",
+    "WorkerSettings",
+    "WorkerStats",
+    "import_job_modules",
+    "serve",
+]
 
 log = logging.getLogger("routemq_outbox.worker")
 
@@ -68,6 +78,9 @@ class WorkerSettings:
     grace: float = 30.0
     listen: bool = True
     connection_name: str = DEFAULT_CONNECTION
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics are for scrapers on other hosts
+    metrics_interval: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -84,10 +97,13 @@ class WorkerSettings:
             ("max_tries", self.max_tries, False),
             ("lease", self.lease, False),
             ("grace", self.grace, True),
+            ("metrics_interval", self.metrics_interval, False),
         ]
         for name, value, zero_ok in checks:
             if value is not None and (value < 0 or (value == 0 and not zero_ok)):
                 raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigurationError(f"metrics_port must be 1-65535, got {self.metrics_port!r}")
 
     @property
     def heartbeat(self) -> float:
@@ -111,6 +127,27 @@ class WorkerStats:
         return self.succeeded + self.retried + self.failed
 
 
+class WorkerObserver(Protocol):
+    """Told what a worker does, to keep metrics, say (see :mod:`routemq_outbox.metrics`).
+
+    ``claimed`` and ``recorded`` are called on the worker's event loop, in its hot path: they
+    must be quick and must neither block nor do I/O. ``watch`` runs as a task beside the
+    worker for periodic work (it may query the database through ``worker.engine``) and is
+    cancelled when the worker closes. A worker without an observer pays nothing for this.
+    """
+
+    def claimed(self, queue: str, count: int) -> None:
+        """``count`` (> 0) due jobs of ``queue`` were claimed by one statement."""
+
+    def recorded(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool) -> None:
+        """The outcome of a job was recorded: DONE, RETRY or FAIL, counted as in
+        :class:`WorkerStats`. ``ran`` is False for a job taken over from a worker that
+        stopped heartbeating (no attempt ran here; its outcome has no duration)."""
+
+    async def watch(self, worker: Worker) -> None:
+        """Runs beside the worker until the worker closes (then it is cancelled)."""
+
+
 class _Backoff:
     """Growing pauses between attempts to reach a database that is away."""
 
@@ -128,8 +165,15 @@ class _Backoff:
 class Worker:
     """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully."""
 
-    def __init__(self, settings: WorkerSettings, *, engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        engine: AsyncEngine | None = None,
+        observer: WorkerObserver | None = None,
+    ) -> None:
         self.settings = settings
+        self._observer = observer
         self.stats = WorkerStats()
         self._engine = engine
         self._owns_engine = engine is None
@@ -171,6 +215,10 @@ class Worker:
             helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
         else:
             helpers.append(asyncio.create_task(_wait(self._closed)))
+        watchers = []
+        if self._observer is not None:
+            watch = self._observer.watch(self)
+            watchers.append(asyncio.create_task(watch, name="routemq-outbox observer"))
         timer = (
             asyncio.get_running_loop().call_later(settings.max_time, self.stop)
             if settings.max_time
@@ -188,7 +236,9 @@ class Worker:
             # The completer flushes what is left and maintenance ends its round; the
             # listener has nothing to finish.
             helpers[-1].cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*helpers, *watchers, return_exceptions=True)
             await self._release_unfinished()
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
@@ -247,6 +297,8 @@ class Worker:
         claimed = 0
         for queue in self.settings.queues:
             got = await sql.claim(self.engine, queue, wanted - claimed, token, self.settings.lease)
+            if got and self._observer is not None:
+                self._observer.claimed(queue, len(got))
             for job in got:
                 self._start(job)  # at once: a failure on the next queue must not orphan these
             claimed += len(got)
@@ -284,14 +336,16 @@ class Worker:
         )
         await self._apply(claimed, outcome)
 
-    async def _apply(self, claimed: sql.Claimed, outcome: Outcome) -> None:
-        """Write down the outcome of one attempt (or of a rescued job)."""
+    async def _apply(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
+        """Write down the outcome of one attempt (or of a rescued job, which did not run)."""
         verdict = outcome.verdict
         if verdict is Verdict.DONE:
             self.stats.succeeded += 1
             self._done.append((claimed.id, claimed.token))
             self._done_ready.set()
-            _log_job(logging.INFO, claimed, outcome, f"succeeded in {_ms(outcome)}")
+            if self._observer is not None:
+                self._observer.recorded(claimed, outcome, ran=ran)
+            _log_job(logging.INFO, claimed, outcome, f"succeeded in {_ms(outcome)}", "succeeded")
         elif verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
             held = await self._write(lambda: sql.release(self.engine, pair, delay=outcome.delay))
@@ -299,6 +353,8 @@ class Worker:
             if not held:
                 return
             self.stats.retried += 1
+            if self._observer is not None:
+                self._observer.recorded(claimed, outcome, ran=ran)
             if not outcome.delay:
                 self._wake.set()  # due again at once: no reason to wait for the next poll
             if outcome.error is None:
@@ -306,13 +362,13 @@ class Worker:
             else:
                 when = f"in {outcome.delay:g} s" if outcome.delay else "now"
                 what = f"failed in {_ms(outcome)} ({_brief(outcome.error)}); retrying {when}"
-            _log_job(logging.WARNING, claimed, outcome, what)
+            _log_job(logging.WARNING, claimed, outcome, what, "retried", ran=ran)
         elif verdict is Verdict.FAIL:
-            await self._fail(claimed, outcome)
+            await self._fail(claimed, outcome, ran=ran)
         else:
             self.stats.interrupted += 1  # released, attempt refunded, at shutdown
 
-    async def _fail(self, claimed: sql.Claimed, outcome: Outcome) -> None:
+    async def _fail(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool) -> None:
         error = outcome.error
         assert error is not None
         record = sql.FailedRecord(
@@ -329,9 +385,11 @@ class Worker:
         if not moved:
             return
         self.stats.failed += 1
+        if self._observer is not None:
+            self._observer.recorded(claimed, outcome, ran=ran)
         how = f"failed in {_ms(outcome)}" if outcome.job is not None else "could not be loaded"
         what = f"{how} ({_brief(error)}); moved to failed_jobs"
-        _log_job(logging.ERROR, claimed, outcome, what)
+        _log_job(logging.ERROR, claimed, outcome, what, "failed", ran=ran)
         if outcome.job is not None:
             try:
                 await outcome.job.failed(error)
@@ -471,7 +529,8 @@ class Worker:
         )
         for claimed in rescued:
             self._held[claimed.id] = claimed.token
-            await self._apply(claimed, judge_expired(claimed, max_tries=self.settings.max_tries))
+            outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
+            await self._apply(claimed, outcome, ran=False)
 
     # ------------------------------------------------------------------ LISTEN/NOTIFY
 
@@ -547,17 +606,28 @@ async def _driver_connection(conn: AsyncConnection) -> Any:
     return raw.driver_connection
 
 
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str) -> None:
+def _log_job(
+    level: int,
+    claimed: sql.Claimed,
+    outcome: Outcome,
+    what: str,
+    result: str,
+    *,
+    ran: bool = True,
+) -> None:
+    """One line per recorded outcome; the fields also go on the record (JSON logs)."""
     if not log.isEnabledFor(level):
         return
     name = type(outcome.job).job_name if outcome.job is not None else "?"
     tries = f"/{outcome.max_tries}" if outcome.max_tries else ""
+    fields = {
+        "job": name,
+        "id": claimed.id,
+        "queue": claimed.queue,
+        "attempt": claimed.attempts,
+        "outcome": result,
+        "duration_ms": round(outcome.duration * 1000, 3) if ran else None,
+    }
     log.log(
         level,
         "job %s id=%d queue=%s attempt=%d%s %s",
@@ -567,6 +637,7 @@ def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str) -> N
         claimed.attempts,
         tries,
         what,
+        extra=fields,
     )
 
 
@@ -588,13 +659,22 @@ def import_job_modules(modules: Sequence[str]) -> None:
 
 def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
     """Run a worker until it stops; the first SIGTERM/SIGINT stops it gracefully, a second
-    one exits at once. Returns the process exit code."""
+    one exits at once. With ``settings.metrics_port``, serve Prometheus metrics meanwhile.
+    Returns the process exit code."""
     import_job_modules(imports)
     if not registered_jobs():
         log.warning("no Job classes are imported: every job will fail as unknown (use --import)")
+    observer: WorkerObserver | None = None
+    stop_metrics: Callable[[], None] | None = None
+    if settings.metrics_port is not None:
+        from .metrics import WorkerMetrics, serve_metrics
+
+        metrics = WorkerMetrics(settings.queues, interval=settings.metrics_interval)
+        stop_metrics = serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
+        observer = metrics
 
     async def main() -> None:
-        worker = Worker(settings)
+        worker = Worker(settings, observer=observer)
         loop = asyncio.get_running_loop()
         received: list[signal.Signals] = []
 
@@ -616,5 +696,9 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         await worker.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     return 0
