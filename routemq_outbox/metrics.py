@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -46,9 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import sql
 from .errors import ConfigurationError, brief
 from .execution import Outcome, Verdict
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .worker import TRANSIENT, Worker
 
 __all__ = ["STATES", "WorkerMetrics", "serve_metrics"]
 
@@ -205,8 +203,6 @@ class WorkerMetrics:
 
     async def refresh(self, engine: AsyncEngine) -> None:
         """Set the depth gauges of the worker's queues from the database."""
-        from .worker import TRANSIENT
-
         try:
             counts = await sql.queue_counts(engine, self.queues)
         except TRANSIENT as exc:
