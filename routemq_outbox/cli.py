@@ -64,7 +64,7 @@ QueueFilter = Annotated[
 ]
 FailedRefs = Annotated[
     list[str],
-    typer.Argument(metavar="ID...", help="Failed job ids (or uuids).", show_default=False),
+    typer.Argument(metavar="ID", help="Failed job ids (or uuids).", show_default=False),
 ]
 
 
