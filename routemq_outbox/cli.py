@@ -1,17 +1,37 @@
-"""The ``routemq-outbox`` command. Each command parses, builds settings, calls one function."""
+"""The ``routemq-outbox`` command. Each command parses, builds settings, calls one function.
+
+The worker is :func:`routemq_outbox.worker.serve`, the schema :mod:`routemq_outbox.migrate`,
+and everything an operator does to the queue :mod:`routemq_outbox.admin`; this module only
+turns their results into text (or JSON) and exit codes: 0 done, 1 not done (unknown ids or
+queues, an unhealthy or unreachable database, a declined confirmation), 2 bad usage or
+configuration.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
-from typing import Annotated
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
 import typer
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import admin
 from .config import DEFAULT_CONNECTION, database_url, imports_from_env
-from .errors import OutboxError
+from .database import create_engine
+from .errors import NotFound, OutboxError
+from .logs import configure_logging
 from .migrate import upgrade
 from .worker import WorkerSettings, serve
+
+T = TypeVar("T")
+
+WORKER_PANEL = "Workers"
+MONITORING_PANEL = "Monitoring"
+FAILED_PANEL = "Failed jobs"
+MAINTENANCE_PANEL = "Maintenance"
 
 app = typer.Typer(
     name="routemq-outbox",
@@ -20,6 +40,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+failed_app = typer.Typer(
+    help="List, show, retry and delete failed jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(failed_app, name="failed", rich_help_panel=FAILED_PANEL)
 
 DatabaseUrl = Annotated[
     str | None,
@@ -30,6 +57,20 @@ DatabaseUrl = Annotated[
         show_default=False,
     ),
 ]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+QueueFilter = Annotated[
+    str | None,
+    typer.Option("--queue", "-q", metavar="NAME", help="Only this queue.", show_default=False),
+]
+FailedRefs = Annotated[
+    list[str],
+    typer.Argument(metavar="ID", help="Failed job ids (or uuids).", show_default=False),
+]
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -37,7 +78,67 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-@app.command()
+def _admin(database: str | None, call: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run one admin function on a fresh engine; its errors become messages and exit codes."""
+    url = database or database_url()
+
+    async def main() -> T:
+        engine = create_engine(url)
+        try:
+            return await call(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except NotFound as exc:
+        raise _fail(str(exc), 1) from None
+    except OutboxError as exc:
+        raise _fail(str(exc)) from None
+    except admin.DATABASE_ERRORS as exc:
+        raise _fail(admin.database_problem(url, exc), 1) from None
+
+
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: int) -> None:
+    """Columns padded to fit; the ``right`` columns after the first are numbers."""
+    cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        line = [
+            cell.rjust(width) if 0 < i <= right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        typer.echo("  ".join(line).rstrip())
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# ------------------------------------------------------------------------------- workers
+
+
+@app.command(rich_help_panel=WORKER_PANEL)
 def work(
     queue: Annotated[
         list[str] | None,
@@ -82,9 +183,28 @@ def work(
     listen: Annotated[
         bool, typer.Option(help="PostgreSQL: wake on NOTIFY instead of waiting for the poll.")
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT", help="Serve Prometheus metrics on this port.", show_default=False
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address the metrics server listens on.")
+    ] = "0.0.0.0",  # noqa: S104 - scrapers run elsewhere
+    metrics_interval: Annotated[
+        float, typer.Option(help="Seconds between refreshes of the queue depth gauges.")
+    ] = 15.0,
+    log_format: Annotated[
+        LogFormat, typer.Option(help="Log lines as text, or as JSON objects for log shippers.")
+    ] = LogFormat.text,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Log warnings and errors only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug lines too.")] = False,
 ) -> None:
     """Run a worker: claim due jobs, run them, retry them, fail them."""
-    _configure_logging()
+    if quiet and verbose:
+        raise _fail("--quiet and --verbose exclude each other")
+    configure_logging(log_format.value, quiet=quiet, verbose=verbose)
     try:
         settings = WorkerSettings(
             database_url=database or database_url(),
@@ -101,6 +221,9 @@ def work(
             grace=grace,
             listen=listen,
             connection_name=DEFAULT_CONNECTION,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            metrics_interval=metrics_interval,
         )
         code = serve(settings, [*(imports or []), *imports_from_env()])
     except OutboxError as exc:
@@ -108,7 +231,237 @@ def work(
     raise typer.Exit(code)
 
 
-@app.command()
+# ------------------------------------------------------------------------------- monitoring
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def stats(queue: QueueFilter = None, as_json: AsJson = False, database: DatabaseUrl = None) -> None:
+    """Jobs per queue: pending (due now), delayed, reserved, failed, oldest due job's age."""
+    counts = _admin(database, lambda engine: admin.queue_stats(engine, queue))
+    if as_json:
+        _print_json(
+            {
+                "queues": [
+                    {
+                        "queue": row.queue,
+                        "pending": row.pending,
+                        "delayed": row.delayed,
+                        "reserved": row.reserved,
+                        "failed": row.failed,
+                        "oldest_due_age_seconds": row.oldest_due_age,
+                    }
+                    for row in counts
+                ]
+            }
+        )
+    elif not counts:
+        typer.echo("no jobs and no failed jobs")
+    else:
+        _print_table(
+            ("QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "OLDEST DUE"),
+            [
+                (r.queue, r.pending, r.delayed, r.reserved, r.failed, _age(r.oldest_due_age))
+                for r in counts
+            ],
+            right=5,
+        )
+    if queue is not None and all(
+        r.pending + r.delayed + r.reserved + r.failed == 0 for r in counts
+    ):
+        typer.echo(f"routemq-outbox: no job or failed job is in queue {queue!r}", err=True)
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def size(
+    queue: Annotated[str, typer.Argument(metavar="[QUEUE]", help="Queue to count.")] = "default",
+    database: DatabaseUrl = None,
+) -> None:
+    """Print the number of jobs waiting in QUEUE (due or delayed), for scripts."""
+    typer.echo(_admin(database, lambda engine: admin.queue_size(engine, queue)))
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def health(
+    database: DatabaseUrl = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the database.")] = 10.0,
+) -> None:
+    """Exit 0 if the database answers and its schema is at head, 1 otherwise."""
+    report = _admin(database, lambda engine: admin.check_health(engine, within=timeout))
+    if not report.ok:
+        raise _fail(report.message, 1)
+    typer.echo(f"ok: {report.message} ({report.revision})")
+
+
+# ------------------------------------------------------------------------------- failed jobs
+
+
+@failed_app.command("list")
+def failed_list(
+    queue: QueueFilter = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 50,
+    as_json: AsJson = False,
+    database: DatabaseUrl = None,
+) -> None:
+    """The most recent failed jobs."""
+    page = _admin(database, lambda engine: admin.list_failed(engine, queue=queue, limit=limit))
+    if as_json:
+        _print_json({"total": page.total, "failed_jobs": [j.as_dict() for j in page.jobs]})
+        return
+    if not page.jobs:
+        typer.echo("no failed jobs")
+        return
+    _print_table(
+        ("ID", "QUEUE", "JOB", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"),
+        [
+            (
+                job.id,
+                job.queue,
+                job.job or "?",
+                job.attempts,
+                job.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+                job.error if len(job.error) <= 80 else job.error[:79] + "…",
+            )
+            for job in page.jobs
+        ],
+        right=0,
+    )
+    if page.total > len(page.jobs):
+        typer.echo(
+            f"(the {len(page.jobs)} newest of {page.total} failed jobs; see --limit)", err=True
+        )
+
+
+@failed_app.command("show")
+def failed_show(
+    ref: Annotated[str, typer.Argument(metavar="ID", help="Failed job id (or uuid).")],
+    as_json: AsJson = False,
+    database: DatabaseUrl = None,
+) -> None:
+    """Everything about one failed job: its payload and the whole traceback."""
+    job = _admin(database, lambda engine: admin.show_failed(engine, ref))
+    if as_json:
+        _print_json(job.as_dict())
+        return
+    document = job.as_dict()
+    payload = document["payload"]
+    fields = [
+        ("id", job.id),
+        ("uuid", job.uuid),
+        ("queue", job.queue),
+        ("job", job.job or "? (unreadable payload)"),
+        ("attempts", job.attempts),
+        ("failed at", job.failed_at.isoformat()),
+        ("connection", job.connection),
+        ("jobs.id", job.job_id if job.job_id is not None else "-"),
+    ]
+    for name, value in fields:
+        typer.echo(f"{name + ':':<12}{value}")
+    text = json.dumps(payload, indent=2, ensure_ascii=False) if job.job else job.payload
+    typer.echo("payload:\n" + _indent(text))
+    typer.echo("exception:\n" + _indent(job.exception))
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" if line.strip() else "" for line in text.splitlines())
+
+
+@failed_app.command("retry")
+def failed_retry(
+    refs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="ID", help="Failed job ids (or uuids).", show_default=False),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every failed job.")] = False,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue", "-q", metavar="NAME", help="With --all: only this queue.", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="With --all: jobs moved per transaction.")
+    ] = admin.RETRY_BATCH,
+    database: DatabaseUrl = None,
+) -> None:
+    """Put failed jobs back on their queues, attempts reset, due now."""
+    if bool(refs) == all_:
+        raise _fail("give the ids of failed jobs to retry, or --all")
+    if queue is not None and not all_:
+        raise _fail("--queue goes with --all")
+    moved = _admin(
+        database,
+        lambda engine: admin.retry_failed(
+            engine, refs or (), all=all_, queue=queue, batch_size=batch_size
+        ),
+    )
+    typer.echo(f"retried {_plural(moved, 'failed job')}")
+
+
+@failed_app.command("forget")
+def failed_forget(refs: FailedRefs, database: DatabaseUrl = None) -> None:
+    """Delete failed jobs by id."""
+    deleted = _admin(database, lambda engine: admin.forget_failed(engine, refs))
+    typer.echo(f"deleted {_plural(deleted, 'failed job')}")
+
+
+@failed_app.command("flush")
+def failed_flush(queue: QueueFilter = None, database: DatabaseUrl = None) -> None:
+    """Delete every failed job (of one queue)."""
+    deleted = _admin(database, lambda engine: admin.flush_failed(engine, queue=queue))
+    where = "" if queue is None else f" of queue {queue!r}"
+    typer.echo(f"deleted {_plural(deleted, 'failed job')}{where}")
+
+
+def _duration(text: str) -> float:
+    try:
+        return admin.parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+
+
+@failed_app.command("prune")
+def failed_prune(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Delete those that failed longer ago than this: 30m, 48h, 7d, 2w or seconds.",
+            show_default=False,
+        ),
+    ],
+    queue: QueueFilter = None,
+    database: DatabaseUrl = None,
+) -> None:
+    """Delete failed jobs older than a given age."""
+    seconds = _duration(older_than)
+    deleted = _admin(database, lambda engine: admin.prune_failed(engine, seconds, queue=queue))
+    typer.echo(f"deleted {_plural(deleted, 'failed job')} that failed more than {older_than} ago")
+
+
+# ------------------------------------------------------------------------------- maintenance
+
+
+@app.command(rich_help_panel=MAINTENANCE_PANEL)
+def clear(
+    queue: Annotated[str, typer.Argument(metavar="QUEUE", help="Queue to empty.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    database: DatabaseUrl = None,
+) -> None:
+    """Delete the waiting jobs (due and delayed) of QUEUE; running jobs are left alone."""
+
+    def confirm(count: int) -> bool:
+        if yes:
+            return True
+        return typer.confirm(f"Delete {_plural(count, 'waiting job')} of queue {queue!r}?")
+
+    deleted = _admin(database, lambda engine: admin.clear_queue(engine, queue, confirm=confirm))
+    if deleted is None:
+        raise _fail("nothing was deleted", 1)
+    typer.echo(f"deleted {_plural(deleted, 'waiting job')} of queue {queue!r}")
+
+
+@app.command(rich_help_panel=MAINTENANCE_PANEL)
 def migrate(
     database: DatabaseUrl = None,
     sql: Annotated[
@@ -123,14 +476,6 @@ def migrate(
         raise _fail(str(exc)) from None
     if not sql:
         typer.echo(f"database schema is at {revision}", err=True)
-
-
-def _configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def main() -> None:

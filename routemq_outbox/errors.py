@@ -18,9 +18,13 @@ The tree::
     ├── JobTimeout                  an attempt ran longer than its timeout
     ├── LeaseExpired                the worker running the last attempt stopped heartbeating
     ├── RetryJob                    raised by handle() to ask for another attempt later
-    └── FailJob                     raised by handle() to fail the job now, without more attempts
+    ├── FailJob                     raised by handle() to fail the job now, without more attempts
+    └── NotFound                    an operator command named something that is not there
+        ├── UnknownQueue            (also a LookupError) no job or failed job is in that queue
+        └── UnknownFailedJob        (also a LookupError) ids or uuids failed_jobs does not hold
 
 A class's docstring is its default message, so ``raise UnknownJob()`` still says something.
+:func:`brief` turns any exception into one line for logs and messages.
 """
 
 from __future__ import annotations
@@ -38,11 +42,15 @@ __all__ = [
     "LeaseExpired",
     "MalformedPayload",
     "NotAJob",
+    "NotFound",
     "OutboxError",
     "PayloadTooLarge",
     "RetryJob",
+    "UnknownFailedJob",
     "UnknownJob",
+    "UnknownQueue",
     "UnserializableJob",
+    "brief",
 ]
 
 
@@ -128,3 +136,22 @@ class FailJob(OutboxError):
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or "the job asked to fail")
+
+
+class NotFound(OutboxError):
+    """Nothing by that name is there."""
+
+
+class UnknownQueue(NotFound, LookupError):
+    """No job or failed job is in that queue."""
+
+
+class UnknownFailedJob(NotFound, LookupError):
+    """failed_jobs holds no job with that id or uuid."""
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception in one line, for logs and messages."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -29,6 +29,7 @@ __all__ = [
     "failed_jobs",
     "jobs",
     "metadata",
+    "seconds_since",
 ]
 
 QUEUE_NAME_MAX = 255
@@ -160,6 +161,36 @@ def _now_plus_sqlite(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> 
 def _now_plus_mysql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
     seconds = _seconds(element, compiler, **kw)
     return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
+
+
+class seconds_since(FunctionElement[float]):
+    """Seconds from a timestamp expression to the database's current time (a float)."""
+
+    type = sa.Float()
+    inherit_cache = True
+    name = "seconds_since"
+
+
+def _since(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
+    (moment,) = element.clauses
+    return compiler.process(moment, **kw)
+
+
+@compiles(seconds_since, "postgresql")
+def _since_postgresql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"EXTRACT(EPOCH FROM now() - {_since(element, compiler, **kw)})"
+
+
+@compiles(seconds_since, "sqlite")
+def _since_sqlite(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"((julianday('now') - julianday({_since(element, compiler, **kw)})) * 86400.0)"
+
+
+@compiles(seconds_since, "mysql")
+@compiles(seconds_since, "mariadb")
+def _since_mysql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> str:
+    moment = _since(element, compiler, **kw)
+    return f"(TIMESTAMPDIFF(MICROSECOND, {moment}, UTC_TIMESTAMP(6)) / 1000000.0)"
 
 
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")

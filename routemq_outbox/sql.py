@@ -1,9 +1,10 @@
 """Every statement routemq-outbox runs, per dialect where they differ. Nothing else builds SQL.
 
 Dispatch statements are *built* here and executed by the caller in its own transaction (async or
-sync). Worker operations *run* here, each in one short transaction of their own on the
-connection the worker passes: for the hot ones (claim, finish) a connection it keeps, which on
-PostgreSQL is in autocommit mode so that a one-statement transaction costs one round trip.
+sync). Worker and operator (admin) operations *run* here, each in one short transaction of their
+own; the worker's on the connection it passes: for the hot ones (claim, finish) a connection it
+keeps, which on PostgreSQL is in autocommit mode so that a one-statement transaction costs one
+round trip.
 
 Claiming follows "The life of a job": on PostgreSQL one statement locks due rows with
 ``FOR UPDATE SKIP LOCKED`` in a CTE (which the planner cannot flatten, so the ``LIMIT`` holds)
@@ -21,24 +22,52 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
-from .schema import Payload, UTCDateTime, db_now, db_now_plus, failed_jobs, jobs
+from .schema import (
+    Payload,
+    UTCDateTime,
+    db_now,
+    db_now_plus,
+    failed_jobs,
+    jobs,
+    seconds_since,
+)
 
 __all__ = [
     "NOTIFY_CHANNEL",
     "Claimed",
     "FailedRecord",
+    "FailedRow",
+    "QueueCounts",
+    "Taken",
     "claim",
+    "clear_queue",
+    "counts_by_queue_statement",
+    "delete_failed",
     "extend_leases",
+    "failed_by_queue_statement",
+    "failed_by_refs",
+    "failed_page",
     "family",
     "finish",
+    "flush_failed",
     "insert_jobs",
+    "known_queues",
     "move_to_failed",
+    "newest_failed_id",
+    "oldest_due_statement",
+    "prune_failed",
+    "queue_counts",
+    "queue_exists",
+    "queue_size",
     "release",
     "rescue_expired",
+    "retry_failed",
+    "retry_failed_batch",
     "size_statement",
+    "stored_revisions",
 ]
 
 NOTIFY_CHANNEL = "routemq_outbox"
@@ -361,3 +390,342 @@ async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord
             )
         )
     return True
+
+
+# ------------------------------------------------------------------------------- operating
+#
+# What ``routemq-outbox stats``, ``failed …``, ``clear`` and ``health`` run, and the worker's
+# queue depth gauges. The three counting statements are the README's "Queue size in SQL"
+# queries (with the library's clock, which on SQLite has milliseconds where the README's
+# ``CURRENT_TIMESTAMP`` has seconds); a test runs the README's text and compares.
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """One queue's jobs by state, and how long its oldest due job has waited (None: none due)."""
+
+    queue: str
+    pending: int = 0
+    delayed: int = 0
+    reserved: int = 0
+    failed: int = 0
+    oldest_due_age: float | None = None
+
+
+def _queue_filter(column: sa.ColumnElement[str], queues: Sequence[str] | None) -> list[Any]:
+    return [] if queues is None else [column.in_(list(queues))]
+
+
+def _count_if(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
+    return sa.func.sum(sa.case((condition, 1), else_=0))
+
+
+def counts_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
+    """README "by queue": pending (due now), delayed and reserved jobs of every queue."""
+    waiting = jobs.c.reserved_at.is_(None)
+    return (
+        sa.select(
+            jobs.c.queue,
+            _count_if(sa.and_(waiting, jobs.c.available_at <= db_now())).label("pending"),
+            _count_if(sa.and_(waiting, jobs.c.available_at > db_now())).label("delayed"),
+            _count_if(jobs.c.reserved_at.isnot(None)).label("reserved"),
+        )
+        .where(*_queue_filter(jobs.c.queue, queues))
+        .group_by(jobs.c.queue)
+        .order_by(jobs.c.queue)
+    )
+
+
+def failed_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
+    """README "failed by queue"."""
+    return (
+        sa.select(failed_jobs.c.queue, sa.func.count().label("failed"))
+        .where(*_queue_filter(failed_jobs.c.queue, queues))
+        .group_by(failed_jobs.c.queue)
+        .order_by(failed_jobs.c.queue)
+    )
+
+
+def oldest_due_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
+    """README "oldest due age": seconds the oldest due job of each queue has waited since it
+    became due (its ``available_at``)."""
+    return (
+        sa.select(
+            jobs.c.queue,
+            seconds_since(sa.func.min(jobs.c.available_at)).label("oldest_due_age"),
+        )
+        .where(
+            jobs.c.reserved_at.is_(None),
+            jobs.c.available_at <= db_now(),
+            *_queue_filter(jobs.c.queue, queues),
+        )
+        .group_by(jobs.c.queue)
+        .order_by(jobs.c.queue)
+    )
+
+
+async def queue_counts(
+    engine: AsyncEngine, queues: Sequence[str] | None = None
+) -> list[QueueCounts]:
+    """Counts of every queue that has jobs or failed jobs (or of ``queues``, zeros included)."""
+    async with engine.connect() as conn:
+        counts = (await conn.execute(counts_by_queue_statement(queues))).all()
+        failed = (await conn.execute(failed_by_queue_statement(queues))).all()
+        ages = (await conn.execute(oldest_due_statement(queues))).all()
+    merged: dict[str, dict[str, Any]] = {name: {} for name in queues or ()}
+    for row in counts:
+        merged.setdefault(row.queue, {}).update(
+            pending=int(row.pending), delayed=int(row.delayed), reserved=int(row.reserved)
+        )
+    for row in failed:
+        merged.setdefault(row.queue, {})["failed"] = int(row.failed)
+    for row in ages:
+        if row.oldest_due_age is not None:
+            # never negative: the clock's sub-second rounding can put "due" a hair ahead
+            merged[row.queue]["oldest_due_age"] = max(0.0, float(row.oldest_due_age))
+    return [QueueCounts(name, **merged[name]) for name in sorted(merged)]
+
+
+async def queue_size(engine: AsyncEngine, queue: str) -> int:
+    """What ``queue.size()`` returns: jobs of ``queue`` waiting, due or delayed."""
+    async with engine.connect() as conn:
+        return int((await conn.execute(size_statement(queue))).scalar_one())
+
+
+async def queue_exists(engine: AsyncEngine, queue: str) -> bool:
+    """Whether any job or failed job is in ``queue`` (queues exist only through their rows)."""
+    in_jobs = sa.select(jobs.c.id).where(jobs.c.queue == queue).exists()
+    in_failed = sa.select(failed_jobs.c.id).where(failed_jobs.c.queue == queue).exists()
+    async with engine.connect() as conn:
+        return bool((await conn.execute(sa.select(sa.or_(in_jobs, in_failed)))).scalar_one())
+
+
+async def known_queues(engine: AsyncEngine) -> list[str]:
+    """Every queue that has jobs or failed jobs, sorted."""
+    names = sa.union(sa.select(jobs.c.queue), sa.select(failed_jobs.c.queue)).subquery()
+    async with engine.connect() as conn:
+        result = await conn.execute(sa.select(names.c.queue).order_by(names.c.queue))
+        return [str(name) for name in result.scalars()]
+
+
+async def clear_queue(engine: AsyncEngine, queue: str) -> int:
+    """Delete the waiting (due and delayed) jobs of ``queue``; jobs a worker holds stay."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.delete(jobs).where(jobs.c.queue == queue, jobs.c.reserved_at.is_(None))
+        )
+    return int(result.rowcount)
+
+
+# failed_jobs
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRow:
+    """A row of failed_jobs, payload as JSON text."""
+
+    id: int
+    uuid: str
+    connection: str
+    queue: str
+    payload: str
+    exception: str
+    attempts: int
+    job_id: int | None
+    failed_at: datetime
+
+
+_FAILED_PAYLOAD = sa.cast(failed_jobs.c.payload, sa.Text()).label("payload")
+_FAILED_COLUMNS = (
+    failed_jobs.c.id,
+    failed_jobs.c.uuid,
+    failed_jobs.c.connection,
+    failed_jobs.c.queue,
+    _FAILED_PAYLOAD,
+    failed_jobs.c.exception,
+    failed_jobs.c.attempts,
+    failed_jobs.c.job_id,
+    failed_jobs.c.failed_at,
+)
+
+
+def _failed_row(row: sa.Row[Any]) -> FailedRow:
+    return FailedRow(**row._asdict())
+
+
+def _refs(ids: Sequence[int], uuids: Sequence[str]) -> sa.ColumnElement[bool]:
+    return sa.or_(failed_jobs.c.id.in_(list(ids)), failed_jobs.c.uuid.in_(list(uuids)))
+
+
+async def failed_page(
+    engine: AsyncEngine, queue: str | None, limit: int
+) -> tuple[list[FailedRow], int]:
+    """The ``limit`` newest failed jobs (of ``queue``), and how many there are in all."""
+    where = [] if queue is None else [failed_jobs.c.queue == queue]
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(*_FAILED_COLUMNS).where(*where).order_by(failed_jobs.c.id.desc()).limit(limit)
+        )
+        page = [_failed_row(row) for row in rows]
+        total = await conn.execute(
+            sa.select(sa.func.count()).select_from(failed_jobs).where(*where)
+        )
+        return page, int(total.scalar_one())
+
+
+async def failed_by_refs(
+    engine: AsyncEngine, ids: Sequence[int], uuids: Sequence[str]
+) -> list[FailedRow]:
+    """The failed jobs with these ids or uuids (those that exist), by id."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(*_FAILED_COLUMNS).where(_refs(ids, uuids)).order_by(failed_jobs.c.id)
+        )
+        return [_failed_row(row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a failed-job operation took. When ids or uuids were missing, it changed nothing."""
+
+    count: int
+    missing_ids: tuple[int, ...] = ()
+    missing_uuids: tuple[str, ...] = ()
+
+
+_TAKEN = (failed_jobs.c.id, failed_jobs.c.uuid, failed_jobs.c.queue, _FAILED_PAYLOAD)
+_REF_CHUNK = 1000  # ids per statement: well within every engine's parameter limit
+
+
+async def _take_failed(
+    conn: AsyncConnection,
+    where: Sequence[sa.ColumnElement[bool]],
+    limit: int | None = None,
+) -> list[sa.Row[Any]]:
+    """Delete failed jobs and return them. With ``limit``, the oldest ``limit`` rows that no
+    other transaction has locked (PostgreSQL and MySQL skip locked rows)."""
+    kind = family(conn.dialect.name)
+    if kind == "mysql":
+        pick = sa.select(*_TAKEN).where(*where).order_by(failed_jobs.c.id)
+        if limit is not None:
+            pick = pick.limit(limit).with_for_update(skip_locked=True)
+        else:
+            pick = pick.with_for_update()
+        rows = list((await conn.execute(pick)).all())
+        if rows:
+            await conn.execute(
+                sa.delete(failed_jobs).where(failed_jobs.c.id.in_([row.id for row in rows]))
+            )
+        return rows
+    if limit is None:
+        stmt = sa.delete(failed_jobs).where(*where)
+    else:
+        picked = sa.select(failed_jobs.c.id).where(*where).order_by(failed_jobs.c.id).limit(limit)
+        if kind == "postgresql":
+            cte = picked.with_for_update(skip_locked=True).cte("picked")
+            stmt = sa.delete(failed_jobs).where(failed_jobs.c.id == cte.c.id)
+        else:
+            stmt = sa.delete(failed_jobs).where(failed_jobs.c.id.in_(picked.scalar_subquery()))
+    return list((await conn.execute(stmt.returning(*_TAKEN))).all())
+
+
+async def _requeue(conn: AsyncConnection, rows: Sequence[Any], notify: bool) -> None:
+    """Insert taken failed jobs into ``jobs``: attempts 0, due now."""
+    if rows:
+        stmt, params = insert_jobs(
+            conn.dialect.name,
+            [(row.queue, row.payload) for row in rows],
+            None,
+            notify=notify and family(conn.dialect.name) == "postgresql",
+        )
+        await conn.execute(stmt, params)
+
+
+async def _take_refs(
+    engine: AsyncEngine, ids: Sequence[int], uuids: Sequence[str], *, requeue: bool, notify: bool
+) -> Taken:
+    """Take exactly these failed jobs, in one transaction, or none if any is missing."""
+    ids, uuids = sorted(set(ids)), sorted(set(uuids))
+    async with engine.connect() as conn, conn.begin() as transaction:
+        taken: list[sa.Row[Any]] = []
+        for start in range(0, max(len(ids), len(uuids)), _REF_CHUNK):
+            chunk = _refs(ids[start : start + _REF_CHUNK], uuids[start : start + _REF_CHUNK])
+            taken.extend(await _take_failed(conn, [chunk]))
+        missing_ids = tuple(sorted(set(ids) - {row.id for row in taken}))
+        missing_uuids = tuple(sorted(set(uuids) - {row.uuid for row in taken}))
+        if missing_ids or missing_uuids:
+            await transaction.rollback()
+            return Taken(0, missing_ids, missing_uuids)
+        if requeue:
+            await _requeue(conn, taken, notify)
+    return Taken(len(taken))
+
+
+async def retry_failed(
+    engine: AsyncEngine, ids: Sequence[int], uuids: Sequence[str], *, notify: bool
+) -> Taken:
+    """Move these failed jobs back into ``jobs`` (attempts 0, due now) in one transaction;
+    if any of them is not in failed_jobs, move none."""
+    return await _take_refs(engine, ids, uuids, requeue=True, notify=notify)
+
+
+async def delete_failed(engine: AsyncEngine, ids: Sequence[int], uuids: Sequence[str]) -> Taken:
+    """Delete these failed jobs in one transaction; if any is not in failed_jobs, delete none."""
+    return await _take_refs(engine, ids, uuids, requeue=False, notify=False)
+
+
+async def retry_failed_batch(
+    engine: AsyncEngine, queue: str | None, up_to_id: int, limit: int, *, notify: bool
+) -> int:
+    """Move up to ``limit`` failed jobs (of ``queue``, with ids up to ``up_to_id``) back into
+    ``jobs``, in one transaction; returns how many. Rows another transaction holds are
+    skipped, so concurrent callers share the work and never move a row twice."""
+    where = [failed_jobs.c.id <= up_to_id]
+    if queue is not None:
+        where.append(failed_jobs.c.queue == queue)
+    async with engine.begin() as conn:
+        taken = await _take_failed(conn, where, limit)
+        await _requeue(conn, taken, notify)
+    return len(taken)
+
+
+async def newest_failed_id(engine: AsyncEngine) -> int:
+    """The highest id in failed_jobs (0 when empty)."""
+    async with engine.connect() as conn:
+        newest = (await conn.execute(sa.select(sa.func.max(failed_jobs.c.id)))).scalar_one()
+    return int(newest or 0)
+
+
+async def flush_failed(engine: AsyncEngine, queue: str | None) -> int:
+    """Delete every failed job (of ``queue``)."""
+    where = [] if queue is None else [failed_jobs.c.queue == queue]
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.delete(failed_jobs).where(*where))
+    return int(result.rowcount)
+
+
+async def prune_failed(engine: AsyncEngine, older_than: float, queue: str | None) -> int:
+    """Delete failed jobs that failed more than ``older_than`` seconds ago (database clock)."""
+    where = [failed_jobs.c.failed_at < db_now_plus(sa.literal(-float(older_than), sa.Float()))]
+    if queue is not None:
+        where.append(failed_jobs.c.queue == queue)
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.delete(failed_jobs).where(*where))
+    return int(result.rowcount)
+
+
+# schema version
+
+
+async def stored_revisions(engine: AsyncEngine, tables: Sequence[str]) -> dict[str, list[str]]:
+    """The alembic revisions recorded in each of ``tables`` that exists."""
+    async with engine.connect() as conn:
+        present = await conn.run_sync(
+            lambda sync: [name for name in tables if sa.inspect(sync).has_table(name)]
+        )
+        found: dict[str, list[str]] = {}
+        for name in present:
+            version = sa.table(name, sa.column("version_num", sa.String()))
+            rows = await conn.execute(sa.select(version.c.version_num))
+            found[name] = [str(value) for value in rows.scalars()]
+        return found

@@ -8,7 +8,9 @@ One :class:`Worker` runs a few cooperating loops on one event loop:
 - the **completer** deletes finished jobs in batches, guarded by their reservation tokens;
 - **maintenance** extends the leases of held jobs (heartbeats) and takes over jobs whose
   worker stopped heartbeating, returning them to pending or failing them;
-- the **listener** (PostgreSQL) holds a LISTEN connection and reconnects when it drops.
+- the **listener** (PostgreSQL) holds a LISTEN connection and reconnects when it drops;
+- an optional **observer** (:class:`WorkerObserver`, e.g. the Prometheus metrics) is told of
+  every claim and every recorded outcome, and runs its own periodic task beside the worker.
 
 Every database write the worker makes to a job is guarded by the token it got when claiming
 it, so a worker whose lease expired can never change a job another worker now holds.
@@ -28,7 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -37,10 +39,18 @@ from . import sql
 from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
 from .errors import ConfigurationError
+from .errors import brief as _brief
 from .execution import Attempt, Outcome, Verdict, describe, judge_expired, run
 from .job import registered_jobs, validate_queue_name
 
-__all__ = ["Worker", "WorkerSettings", "WorkerStats", "import_job_modules", "serve"]
+__all__ = [
+    "Worker",
+    "WorkerObserver",
+    "WorkerSettings",
+    "WorkerStats",
+    "import_job_modules",
+    "serve",
+]
 
 log = logging.getLogger("routemq_outbox.worker")
 
@@ -69,6 +79,9 @@ class WorkerSettings:
     grace: float = 30.0
     listen: bool = True
     connection_name: str = DEFAULT_CONNECTION
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics are for scrapers on other hosts
+    metrics_interval: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -85,10 +98,13 @@ class WorkerSettings:
             ("max_tries", self.max_tries, False),
             ("lease", self.lease, False),
             ("grace", self.grace, True),
+            ("metrics_interval", self.metrics_interval, False),
         ]
         for name, value, zero_ok in checks:
             if value is not None and (value < 0 or (value == 0 and not zero_ok)):
                 raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigurationError(f"metrics_port must be 1-65535, got {self.metrics_port!r}")
 
     @property
     def heartbeat(self) -> float:
@@ -110,6 +126,27 @@ class WorkerStats:
     @property
     def processed(self) -> int:
         return self.succeeded + self.retried + self.failed
+
+
+class WorkerObserver(Protocol):
+    """Told what a worker does, to keep metrics, say (see :mod:`routemq_outbox.metrics`).
+
+    ``claimed`` and ``recorded`` are called on the worker's event loop, in its hot path: they
+    must be quick and must neither block nor do I/O. ``watch`` runs as a task beside the
+    worker for periodic work (it may query the database through ``worker.engine``) and is
+    cancelled when the worker closes. A worker without an observer pays nothing for this.
+    """
+
+    def claimed(self, queue: str, count: int) -> None:
+        """``count`` (> 0) due jobs of ``queue`` were claimed by one statement."""
+
+    def recorded(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool) -> None:
+        """The outcome of a job was recorded: DONE, RETRY or FAIL, counted as in
+        :class:`WorkerStats`. ``ran`` is False for a job taken over from a worker that
+        stopped heartbeating (no attempt ran here; its outcome has no duration)."""
+
+    async def watch(self, worker: Worker) -> None:
+        """Runs beside the worker until the worker closes (then it is cancelled)."""
 
 
 class _Backoff:
@@ -155,8 +192,15 @@ class _Lane:
 class Worker:
     """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully."""
 
-    def __init__(self, settings: WorkerSettings, *, engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        engine: AsyncEngine | None = None,
+        observer: WorkerObserver | None = None,
+    ) -> None:
         self.settings = settings
+        self._observer = observer
         self.stats = WorkerStats()
         self._engine = engine
         self._owns_engine = engine is None
@@ -202,6 +246,10 @@ class Worker:
         ]
         if listening:
             helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
+        watchers = []
+        if self._observer is not None:
+            watch = self._observer.watch(self)
+            watchers.append(asyncio.create_task(watch, name="routemq-outbox observer"))
         timer = self._loop.call_later(settings.max_time, self.stop) if settings.max_time else None
         try:
             await self._claim_loop()
@@ -213,10 +261,10 @@ class Worker:
             self._closed.set()
             self._done_ready.set()
             # The completer flushes what is left and maintenance ends its round; the
-            # watchdog and the listener have nothing to finish.
-            for helper in helpers[2:]:
+            # watchdog, the listener and the observer have nothing to finish.
+            for helper in (*helpers[2:], *watchers):
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, *watchers, return_exceptions=True)
             await self._claim_lane.reset()
             await self._release_unfinished()
             if self._owns_engine and self._engine is not None:
@@ -278,6 +326,8 @@ class Worker:
         conn = await self._claim_lane.get()
         for queue in self.settings.queues:
             got = await sql.claim(conn, queue, wanted - claimed, token, self.settings.lease)
+            if got and self._observer is not None:
+                self._observer.claimed(queue, len(got))
             for job in got:
                 self._start(job)  # at once: a failure on the next queue must not orphan these
             claimed += len(got)
@@ -321,11 +371,13 @@ class Worker:
             del self._running[attempt.task]  # type: ignore[arg-type]
             self._slot_freed.set()
 
-    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome) -> None:
+    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
         self.stats.succeeded += 1
         self._done.append((claimed.id, claimed.token))
         self._done_ready.set()
-        _log_job(logging.INFO, claimed, outcome, "succeeded in %.1f ms", _ms(outcome))
+        if self._observer is not None:
+            self._observer.recorded(claimed, outcome, ran=ran)
+        _log_job(logging.INFO, claimed, outcome, "succeeded", "succeeded in %.1f ms", _ms(outcome))
 
     async def _watchdog(self) -> None:
         """Cancel attempts that ran past their timeout."""
@@ -335,11 +387,11 @@ class Worker:
             for attempt in list(self._running.values()):
                 attempt.expire(now)
 
-    async def _apply(self, claimed: sql.Claimed, outcome: Outcome) -> None:
-        """Write down the outcome of one attempt (or of a rescued job)."""
+    async def _apply(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
+        """Write down the outcome of one attempt (or of a rescued job, which did not run)."""
         verdict = outcome.verdict
         if verdict is Verdict.DONE:
-            self._succeeded(claimed, outcome)
+            self._succeeded(claimed, outcome, ran=ran)
         elif verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
             held = await self._write(lambda conn: sql.release(conn, pair, delay=outcome.delay))
@@ -348,6 +400,8 @@ class Worker:
                 _log_lost(claimed, "retry")
                 return
             self.stats.retried += 1
+            if self._observer is not None:
+                self._observer.recorded(claimed, outcome, ran=ran)
             if not outcome.delay:
                 self._wake.set()  # due again at once: no reason to wait for the next poll
             if outcome.error is None:
@@ -355,7 +409,9 @@ class Worker:
                     logging.WARNING,
                     claimed,
                     outcome,
+                    "retried",
                     "was left by a worker that stopped heartbeating; back to pending",
+                    ran=ran,
                 )
             else:
                 when = f"in {outcome.delay:g} s" if outcome.delay else "now"
@@ -363,17 +419,19 @@ class Worker:
                     logging.WARNING,
                     claimed,
                     outcome,
+                    "retried",
                     "failed in %.1f ms (%s); retrying %s",
                     _ms(outcome),
                     _brief(outcome.error),
                     when,
+                    ran=ran,
                 )
         elif verdict is Verdict.FAIL:
-            await self._fail(claimed, outcome)
+            await self._fail(claimed, outcome, ran=ran)
         else:
             self.stats.interrupted += 1  # released, attempt refunded, at shutdown
 
-    async def _fail(self, claimed: sql.Claimed, outcome: Outcome) -> None:
+    async def _fail(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool) -> None:
         error = outcome.error
         assert error is not None
         record = sql.FailedRecord(
@@ -391,9 +449,18 @@ class Worker:
             _log_lost(claimed, "failure")
             return
         self.stats.failed += 1
+        if self._observer is not None:
+            self._observer.recorded(claimed, outcome, ran=ran)
         how = f"failed in {_ms(outcome):.1f} ms" if outcome.job else "could not be loaded"
         _log_job(
-            logging.ERROR, claimed, outcome, "%s (%s); moved to failed_jobs", how, _brief(error)
+            logging.ERROR,
+            claimed,
+            outcome,
+            "failed",
+            "%s (%s); moved to failed_jobs",
+            how,
+            _brief(error),
+            ran=ran,
         )
         if outcome.job is not None:
             try:
@@ -543,7 +610,8 @@ class Worker:
             )
         for claimed in rescued:
             self._held[claimed.id] = claimed.token
-            await self._apply(claimed, judge_expired(claimed, max_tries=self.settings.max_tries))
+            outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
+            await self._apply(claimed, outcome, ran=False)
 
     # ------------------------------------------------------------------ LISTEN/NOTIFY
 
@@ -615,18 +683,29 @@ async def _driver_connection(conn: AsyncConnection) -> Any:
     return raw.driver_connection
 
 
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str, *args: object) -> None:
-    """One line about one job; built only when the level is enabled (this is the hot path)."""
+def _log_job(
+    level: int,
+    claimed: sql.Claimed,
+    outcome: Outcome,
+    result: str,
+    what: str,
+    *args: object,
+    ran: bool = True,
+) -> None:
+    """One line per recorded outcome, built only when its level is enabled (this is the hot
+    path); the fields also go on the record, for JSON logs."""
     if not log.isEnabledFor(level):
         return
     name = type(outcome.job).job_name if outcome.job is not None else "?"
     tries = f"/{outcome.max_tries}" if outcome.max_tries else ""
+    fields = {
+        "job": name,
+        "id": claimed.id,
+        "queue": claimed.queue,
+        "attempt": claimed.attempts,
+        "outcome": result,
+        "duration_ms": round(outcome.duration * 1000, 3) if ran else None,
+    }
     log.log(
         level,
         "job %s id=%d queue=%s attempt=%d%s " + what,
@@ -636,6 +715,7 @@ def _log_job(level: int, claimed: sql.Claimed, outcome: Outcome, what: str, *arg
         claimed.attempts,
         tries,
         *args,
+        extra=fields,
     )
 
 
@@ -667,13 +747,22 @@ def import_job_modules(modules: Sequence[str]) -> None:
 
 def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
     """Run a worker until it stops; the first SIGTERM/SIGINT stops it gracefully, a second
-    one exits at once. Returns the process exit code."""
+    one exits at once. With ``settings.metrics_port``, serve Prometheus metrics meanwhile.
+    Returns the process exit code."""
     import_job_modules(imports)
     if not registered_jobs():
         log.warning("no Job classes are imported: every job will fail as unknown (use --import)")
+    observer: WorkerObserver | None = None
+    stop_metrics: Callable[[], None] | None = None
+    if settings.metrics_port is not None:
+        from .metrics import WorkerMetrics, serve_metrics
+
+        metrics = WorkerMetrics(settings.queues, interval=settings.metrics_interval)
+        stop_metrics = serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
+        observer = metrics
 
     async def main() -> None:
-        worker = Worker(settings)
+        worker = Worker(settings, observer=observer)
         loop = asyncio.get_running_loop()
         received: list[signal.Signals] = []
 
@@ -695,5 +784,9 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         await worker.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     return 0

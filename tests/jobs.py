@@ -191,3 +191,27 @@ class SyncHandle(Job):
                 )
             )
         engine.dispose()
+
+
+class FailsUntilFixed(Job):
+    """Fails while ``job_log`` has no ``fixed`` event for its key: a downstream service that
+    is down until an operator fixes it, after which a retried job succeeds."""
+
+    job_name = "tests.fails_until_fixed"
+    max_tries = 2
+    retry_after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        async with connection_engine("default").connect() as conn:
+            fixed = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(log_table)
+                .where(log_table.c.job_key == self.key, log_table.c.event == "fixed")
+            )
+        await record(self.key, "ran" if fixed else "broken", self.attempt)
+        if not fixed:
+            raise ConnectionError(f"downstream service for {self.key} is down")

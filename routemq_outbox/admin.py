@@ -1,0 +1,375 @@
+"""Operating the queue: what the ``routemq-outbox`` operator commands do.
+
+Every function takes an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` and runs statements from
+:mod:`routemq_outbox.sql`; the CLI parses its arguments, calls one of these and prints the
+result. Applications can call them too (an admin page, a health endpoint)::
+
+    from routemq_outbox import admin
+
+    for counts in await admin.queue_stats(engine):
+        print(counts.queue, counts.pending, counts.oldest_due_age)
+
+Queues exist only through their rows: a queue is *known* while a job or a failed job is in it.
+Commands that change something refuse a queue that is not known, and failed-job ids or uuids
+that are not in ``failed_jobs``, and then change nothing at all. Read-only commands report
+zeros for a queue with no rows (an empty queue is normal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import sql
+from .config import notify_enabled, redact
+from .errors import ConfigurationError, UnknownFailedJob, UnknownQueue, brief
+from .job import validate_queue_name
+from .migrate import VERSION_TABLE, head_revision
+from .sql import QueueCounts
+
+__all__ = [
+    "DATABASE_ERRORS",
+    "RETRY_BATCH",
+    "FailedJob",
+    "FailedPage",
+    "Health",
+    "QueueCounts",
+    "check_health",
+    "clear_queue",
+    "database_problem",
+    "flush_failed",
+    "forget_failed",
+    "list_failed",
+    "parse_duration",
+    "parse_failed_refs",
+    "prune_failed",
+    "queue_size",
+    "queue_stats",
+    "retry_failed",
+    "show_failed",
+]
+
+RETRY_BATCH = 1000
+"""Failed jobs moved back per transaction by ``retry_failed(all=True)``."""
+
+DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, OSError)
+"""What talking to a database may raise: connection trouble, missing tables, …"""
+
+APP_VERSION_TABLE = "alembic_version"
+"""Where an application's own alembic records our revisions when it applies them itself."""
+
+# ----------------------------------------------------------------------------- queues
+
+
+async def queue_stats(engine: AsyncEngine, queue: str | None = None) -> list[QueueCounts]:
+    """Per queue: pending (due now), delayed, reserved, failed, and the age in seconds of the
+    oldest due job. Every queue with rows, or just ``queue`` (zeros if it has none)."""
+    if queue is None:
+        return await sql.queue_counts(engine)
+    return await sql.queue_counts(engine, [validate_queue_name(queue)])
+
+
+async def queue_size(engine: AsyncEngine, queue: str = "default") -> int:
+    """Jobs waiting in ``queue``, due or delayed: what ``queue.size()`` returns."""
+    return await sql.queue_size(engine, validate_queue_name(queue))
+
+
+async def _require_queue(engine: AsyncEngine, queue: str) -> str:
+    validate_queue_name(queue)
+    if await sql.queue_exists(engine, queue):
+        return queue
+    known = await sql.known_queues(engine)
+    if not known:
+        hint = "there are no jobs or failed jobs at all"
+    else:
+        shown = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+        hint = f"queues with jobs: {shown}"
+    raise UnknownQueue(f"unknown queue {queue!r}: no job or failed job is in it ({hint})")
+
+
+async def clear_queue(
+    engine: AsyncEngine, queue: str, *, confirm: Callable[[int], bool] | None = None
+) -> int | None:
+    """Delete the waiting jobs (due and delayed) of ``queue``; jobs a worker is running are
+    left to finish. ``confirm(n)`` is asked first with the number about to go; when it says
+    no, nothing is deleted and the result is ``None``. Returns how many were deleted."""
+    await _require_queue(engine, queue)
+    if confirm is not None and not confirm(await sql.queue_size(engine, queue)):
+        return None
+    return await sql.clear_queue(engine, queue)
+
+
+# ----------------------------------------------------------------------------- failed jobs
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    """A row of failed_jobs. ``job`` is the job name in the payload (None if unreadable)."""
+
+    id: int
+    uuid: str
+    queue: str
+    job: str | None
+    attempts: int
+    failed_at: datetime
+    exception: str
+    payload: str
+    connection: str
+    job_id: int | None
+
+    @classmethod
+    def _of(cls, row: sql.FailedRow) -> FailedJob:
+        return cls(
+            id=row.id,
+            uuid=row.uuid,
+            queue=row.queue,
+            job=_job_name(row.payload),
+            attempts=row.attempts,
+            failed_at=row.failed_at,
+            exception=row.exception,
+            payload=row.payload,
+            connection=row.connection,
+            job_id=row.job_id,
+        )
+
+    @property
+    def error(self) -> str:
+        """The first line of the exception: its type and message."""
+        lines = self.exception.strip().splitlines()
+        return lines[0] if lines else ""
+
+    def as_dict(self, *, full: bool = True) -> dict[str, Any]:
+        """For JSON: ``full`` adds the payload (parsed when it is JSON) and the traceback."""
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "uuid": self.uuid,
+            "queue": self.queue,
+            "job": self.job,
+            "attempts": self.attempts,
+            "failed_at": self.failed_at.isoformat(),
+            "error": self.error,
+            "connection": self.connection,
+            "job_id": self.job_id,
+        }
+        if full:
+            try:
+                doc["payload"] = json.loads(self.payload)
+            except ValueError:
+                doc["payload"] = self.payload
+            doc["exception"] = self.exception
+        return doc
+
+
+def _job_name(payload: str) -> str | None:
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return None
+    name = document.get("job") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else None
+
+
+@dataclass(frozen=True)
+class FailedPage:
+    """The newest failed jobs, and how many there are in all."""
+
+    jobs: list[FailedJob]
+    total: int
+
+
+async def list_failed(
+    engine: AsyncEngine, *, queue: str | None = None, limit: int = 50
+) -> FailedPage:
+    """The ``limit`` most recent failed jobs (of ``queue``), newest first."""
+    if limit < 1:
+        raise ConfigurationError(f"limit must be >= 1, got {limit}")
+    if queue is not None:
+        validate_queue_name(queue)
+    rows, total = await sql.failed_page(engine, queue, limit)
+    return FailedPage([FailedJob._of(row) for row in rows], total)
+
+
+def parse_failed_refs(refs: Iterable[str | int]) -> tuple[list[int], list[str]]:
+    """Split failed-job references into ids and (canonical) uuids."""
+    ids: list[int] = []
+    uuids: list[str] = []
+    for ref in refs:
+        text = str(ref).strip()
+        if text.isascii() and text.isdigit():
+            ids.append(int(text))
+            continue
+        try:
+            uuids.append(str(uuid.UUID(text)))
+        except ValueError:
+            raise UnknownFailedJob(
+                f"{text!r} is neither a failed job id (a number) nor a uuid"
+            ) from None
+    return ids, uuids
+
+
+def _missing(taken: sql.Taken, verb: str) -> UnknownFailedJob:
+    parts = []
+    if taken.missing_ids:
+        parts.append("id " + ", ".join(map(str, taken.missing_ids)))
+    if taken.missing_uuids:
+        parts.append("uuid " + ", ".join(taken.missing_uuids))
+    return UnknownFailedJob(f"failed_jobs has no job with {' or '.join(parts)}: nothing was {verb}")
+
+
+async def show_failed(engine: AsyncEngine, ref: str | int) -> FailedJob:
+    """One failed job, by id or uuid."""
+    ids, uuids = parse_failed_refs([ref])
+    rows = await sql.failed_by_refs(engine, ids, uuids)
+    if not rows:
+        raise UnknownFailedJob(f"failed_jobs has no job with {'id' if ids else 'uuid'} {ref}")
+    return FailedJob._of(rows[0])
+
+
+async def retry_failed(
+    engine: AsyncEngine,
+    refs: Sequence[str | int] = (),
+    *,
+    all: bool = False,
+    queue: str | None = None,
+    batch_size: int = RETRY_BATCH,
+) -> int:
+    """Move failed jobs back into ``jobs`` with their attempts reset, due now; returns how many.
+
+    By id or uuid (``refs``): all of them in one transaction, or, if any is not in
+    failed_jobs, none. With ``all=True`` (optionally only ``queue``): every job that had
+    failed when the call began, ``batch_size`` per transaction; concurrent calls share the
+    rows and never move one twice. Either way a job is in one table or the other, never both.
+    """
+    if all == bool(refs):
+        raise ConfigurationError("give the failed jobs to retry, or all=True (not both)")
+    if batch_size < 1:
+        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    notify = notify_enabled()
+    if refs:
+        if queue is not None:
+            raise ConfigurationError("queue= selects failed jobs only together with all=True")
+        ids, uuids = parse_failed_refs(refs)
+        taken = await sql.retry_failed(engine, ids, uuids, notify=notify)
+        if taken.missing_ids or taken.missing_uuids:
+            raise _missing(taken, "retried")
+        return taken.count
+    if queue is not None:
+        await _require_queue(engine, queue)
+    # Only what had failed by now: jobs that fail again meanwhile are not chased round.
+    up_to = await sql.newest_failed_id(engine)
+    moved = 0
+    while up_to:
+        count = await sql.retry_failed_batch(engine, queue, up_to, batch_size, notify=notify)
+        if not count:
+            break
+        moved += count
+    return moved
+
+
+async def forget_failed(engine: AsyncEngine, refs: Sequence[str | int]) -> int:
+    """Delete failed jobs by id or uuid: all of them, or, if any is missing, none."""
+    if not refs:
+        raise ConfigurationError("give the failed jobs to forget")
+    ids, uuids = parse_failed_refs(refs)
+    taken = await sql.delete_failed(engine, ids, uuids)
+    if taken.missing_ids or taken.missing_uuids:
+        raise _missing(taken, "deleted")
+    return taken.count
+
+
+async def flush_failed(engine: AsyncEngine, *, queue: str | None = None) -> int:
+    """Delete every failed job (of ``queue``); returns how many."""
+    if queue is not None:
+        await _require_queue(engine, queue)
+    return await sql.flush_failed(engine, queue)
+
+
+async def prune_failed(
+    engine: AsyncEngine, older_than: float | timedelta, *, queue: str | None = None
+) -> int:
+    """Delete failed jobs that failed more than ``older_than`` (seconds or a timedelta) ago,
+    by the database clock; returns how many."""
+    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+    if not seconds > 0:
+        raise ConfigurationError(f"older_than must be a positive duration, got {older_than!r}")
+    if queue is not None:
+        await _require_queue(engine, queue)
+    return await sql.prune_failed(engine, float(seconds), queue)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30m``, ``48h``, ``7d``, ``2w``, ``90s`` or a bare number of seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2].lower()] if match else 0.0
+    if not seconds > 0:
+        raise ValueError(
+            f"invalid duration {text!r}: use a positive number of seconds, or one with a unit: "
+            "s, m, h, d or w (e.g. 30m, 48h, 7d, 2w)"
+        )
+    return seconds
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def database_problem(url: str | URL, exc: BaseException, what: str = "") -> str:
+    """``database URL [what]: <the error in one line>``, the password hidden in both."""
+    reason = brief(exc)
+    try:
+        password = make_url(url).password
+    except sqlalchemy.exc.ArgumentError:
+        password = None
+    if password:
+        reason = reason.replace(str(password), "***")
+    return f"database {redact(url)}{' ' + what if what else ''}: {reason}"
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the database answers and its schema is the one this version needs."""
+
+    ok: bool
+    message: str
+    revision: str | None = None
+
+
+async def check_health(engine: AsyncEngine, *, within: float = 10.0) -> Health:
+    """Reachable and migrated to head, with an answer ``within`` seconds? Never raises for a
+    database problem: it reports it."""
+    where = redact(engine.url)
+    head = head_revision()
+    try:
+        found = await asyncio.wait_for(
+            sql.stored_revisions(engine, [VERSION_TABLE, APP_VERSION_TABLE]), within
+        )
+    except TimeoutError:
+        return Health(False, f"database {where} is unreachable: no answer within {within:g} s")
+    except DATABASE_ERRORS as exc:
+        return Health(False, database_problem(engine.url, exc, "is unreachable"))
+    ours = found.get(VERSION_TABLE, [])
+    if head in ours or (not ours and head in found.get(APP_VERSION_TABLE, [])):
+        return Health(True, f"database {where} is reachable and its schema is at head", head)
+    if not ours:
+        return Health(False, f"database {where} is not migrated: run routemq-outbox migrate")
+    revision = ", ".join(ours)
+    return Health(
+        False,
+        f"database {where} has schema revision {revision}, but this routemq-outbox needs "
+        f"{head}: run routemq-outbox migrate (or upgrade routemq-outbox if the database is "
+        "newer)",
+        revision,
+    )
