@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -55,7 +56,15 @@ __all__ = [
 log = logging.getLogger("routemq_outbox.worker")
 
 # Errors that mean "the database is unreachable or misbehaving right now": log, back off, retry.
-TRANSIENT = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, OSError, TimeoutError)
+# asyncpg's own appear where the hot path talks to the driver directly (sql.claim, sql.finish).
+TRANSIENT = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 _BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most

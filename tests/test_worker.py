@@ -646,3 +646,29 @@ async def test_worker_survives_a_postgresql_restart(
     assert await count(engine, failed_jobs) == 0
     assert "retrying in" in worker.log()
     await engine.dispose()
+
+
+async def test_the_asyncpg_fast_path_and_sqlalchemy_agree(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims and deletes on asyncpg skip SQLAlchemy; through psycopg they do not."""
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", pg_url)
+    await queue.bulk([record(f"k{i}") for i in range(6)])
+    fast = create_engine(pg_url)
+    slow = create_engine(pg_url.replace("+asyncpg", "+psycopg"))
+    async with fast.connect() as a, slow.connect() as b:
+        assert a.dialect.driver == "asyncpg"
+        assert b.dialect.driver == "psycopg"
+        first = await claim(a, "default", 3, 11, 30)
+        second = await claim(b, "default", 10, 22, 30)
+        assert [json.loads(c.payload)["data"]["key"] for c in first + second] == [
+            f"k{i}" for i in range(6)
+        ]
+        assert {(c.attempts, c.token) for c in first} == {(1, 11)}
+        assert {(c.attempts, c.token) for c in second} == {(1, 22)}
+        assert await finish(a, [(c.id, 99) for c in second]) == 0  # not their tokens
+        assert await finish(b, [(c.id, 99) for c in first]) == 0
+        assert await finish(a, [(c.id, c.token) for c in first]) == 3
+        assert await finish(b, [(c.id, c.token) for c in second]) == 3
+    await fast.dispose()
+    await slow.dispose()
