@@ -5,6 +5,15 @@ failing with "database is locked"), and a real BEGIN for every transaction inste
 driver's habit of starting one only before the first write (so reads inside a transaction see
 one snapshot). Every transaction the library itself runs starts with its write, which takes the
 write lock at once: two writers never deadlock upgrading a read lock.
+
+MySQL and MariaDB get READ COMMITTED, the level PostgreSQL uses by default. Under their own
+default, REPEATABLE READ, InnoDB's locking reads and searched updates lock the gaps between
+the index entries they scan as well (next-key locks), so a dispatch inserting next to a row a
+worker is claiming or finishing waits for that worker's commit, and gap locks are the usual
+ingredient of InnoDB deadlocks. READ COMMITTED locks only the rows a statement takes, and
+releases at once the rows it reads but does not take. Connections are recycled after
+``MYSQL_POOL_RECYCLE_S``, before the server's ``wait_timeout`` (or a proxy's idle limit)
+closes them under the pool.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from .errors import ConfigurationError
 __all__ = ["connection_engine", "connection_sync_engine", "create_engine", "create_sync_engine"]
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+MYSQL_ISOLATION_LEVEL = "READ COMMITTED"
+MYSQL_POOL_RECYCLE_S = 1800
 
 _DRIVER_PACKAGES = {
     "asyncpg": "asyncpg",
@@ -35,15 +46,28 @@ _DRIVER_PACKAGES = {
     "aiomysql": "aiomysql",
     "pymysql": "PyMySQL",
 }
+_EXTRAS = {"asyncmy": "mysql", "pymysql": "mysql", "psycopg": "sync"}
 
 
 def _driver_missing(url: URL, exc: BaseException) -> ConfigurationError:
     driver = url.get_driver_name()
     package = _DRIVER_PACKAGES.get(driver, driver)
+    if driver in _EXTRAS:
+        package = f'"routemq-outbox[{_EXTRAS[driver]}]"'
     return ConfigurationError(
         f"the database driver {driver!r} for {redact(url)} is not installed "
         f"(pip install {package}): {exc}"
     )
+
+
+def _family_options(url: URL) -> dict[str, Any]:
+    """Engine options each family needs, before the caller's own."""
+    family = dialect_family(url)
+    if family == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if family == "mysql":
+        return {"isolation_level": MYSQL_ISOLATION_LEVEL, "pool_recycle": MYSQL_POOL_RECYCLE_S}
+    return {}
 
 
 def _sqlite_setup(sync_engine: Engine) -> None:
@@ -62,13 +86,15 @@ def _sqlite_setup(sync_engine: Engine) -> None:
 
 
 def create_engine(url: str | URL, *, pool_size: int = 5, **kwargs: Any) -> AsyncEngine:
-    """An AsyncEngine for ``url`` (any driver is swapped for the asyncio one)."""
+    """An AsyncEngine for ``url`` (any driver is swapped for the asyncio one).
+
+    Keyword arguments go to :func:`~sqlalchemy.ext.asyncio.create_async_engine` and win over
+    the settings above (``isolation_level="REPEATABLE READ"`` restores MySQL's default).
+    """
     target = async_url(url)
-    options: dict[str, Any] = {}
+    options = _family_options(target)
     if "poolclass" not in kwargs:
         options.update(pool_size=pool_size, max_overflow=pool_size)
-    if dialect_family(target) == "sqlite":
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     options.update(kwargs)
     try:
         engine = create_async_engine(target, **options)
@@ -82,9 +108,7 @@ def create_engine(url: str | URL, *, pool_size: int = 5, **kwargs: Any) -> Async
 def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A blocking Engine for ``url``, for the ``*_sync`` dispatch twins."""
     target = sync_url(url)
-    options: dict[str, Any] = {"pool_pre_ping": True}
-    if dialect_family(target) == "sqlite":
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    options = {"pool_pre_ping": True, **_family_options(target)}
     options.update(kwargs)
     try:
         engine = sa.create_engine(target, **options)
