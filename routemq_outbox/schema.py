@@ -184,8 +184,9 @@ _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _LongText = sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS)
 
 # MySQL/MariaDB: InnoDB (row locks, SKIP LOCKED, transactions), full Unicode, and a binary
-# collation so that queue names compare exactly, as on PostgreSQL and SQLite ('Mail' is not
-# 'mail', 'a ' is not 'a').
+# collation so that queue names compare by their characters as on PostgreSQL and SQLite
+# ('Mail' is not 'mail'; MySQL's default collations ignore case and accents). Like every
+# PAD SPACE collation it ignores trailing spaces: there, 'a ' is the queue 'a'.
 _MYSQL_TABLE: dict[str, Any] = {
     f"{dialect}_{option}": value
     for dialect in MYSQL_DIALECTS

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from routemq_outbox import Job, dispatch, dispatch_sync, queue
+from routemq_outbox import Job, dispatch, dispatch_sync, queue, sql
+from routemq_outbox.database import create_engine
 from routemq_outbox.errors import (
     DispatchError,
     InvalidDelay,
@@ -227,6 +228,30 @@ async def test_later_delays_by_seconds_timedelta_or_until_an_aware_datetime(
     assert abs((fourth.available_at - now).total_seconds() - 1.5) <= 1
 
 
+async def test_mysql_times_do_not_depend_on_the_session_time_zone(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DATETIME(6) columns hold UTC and the library compares them with UTC_TIMESTAMP, so a
+    connection whose time zone is far from UTC sees the same due times."""
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", mariadb_url)
+    engine = create_engine(mariadb_url, connect_args={"init_command": "SET time_zone = '-09:00'"})
+    at = datetime(2031, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    async with engine.begin() as conn:
+        assert (await conn.execute(sa.text("SELECT @@time_zone"))).scalar_one() == "-09:00"
+        await queue.later(at, notification(1), session=conn)
+        await queue.later(3600, notification(2), session=conn)
+        await dispatch(notification(3), session=conn)
+    first, second, third = await rows(engine)
+    assert first.available_at == at
+    now = await db_now(engine)
+    assert abs((second.available_at - now).total_seconds() - 3600) <= 1
+    assert abs((third.available_at - now).total_seconds()) <= 1
+    assert abs((now - datetime.now(UTC)).total_seconds()) < 60  # UTC, not 9 hours behind
+    (claimed,) = await sql.claim(engine, "notifications", 10, 1, 30)
+    assert json.loads(claimed.payload)["data"]["user_id"] == 3
+    await engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("delay", "message"),
     [
@@ -267,6 +292,24 @@ async def test_bulk_of_ten_thousand_jobs_is_a_constant_number_of_statements(
     assert await queue.size("fanout") == 10_000
     payloads = {json.loads(r.payload)["data"]["user_id"] for r in await rows(engine)}
     assert payloads == set(range(10_000))
+
+
+async def test_a_bulk_beyond_one_packet_keeps_its_order_and_is_all_or_nothing(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MySQL sends a bulk as JSON documents of a few MiB each: here, of about 2 kB."""
+    monkeypatch.setattr(sql, "_JSON_CHUNK_BYTES", 2000)
+    batch = [notification(i, "x" * 100) for i in range(100)]
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        await queue.bulk(batch, session=conn)
+        await transaction.rollback()
+    assert await rows(engine) == []
+
+    await queue.bulk(batch)
+    payloads = [json.loads(r.payload)["data"] for r in await rows(engine)]
+    assert [p["user_id"] for p in payloads] == list(range(100))
+    assert {p["message"] for p in payloads} == {"x" * 100}
 
 
 async def test_bulk_of_nothing_touches_nothing(engine: AsyncEngine) -> None:
