@@ -126,7 +126,12 @@ class _Backoff:
 
 
 class Worker:
-    """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully."""
+    """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully.
+
+    Without ``engine`` it makes its own with :func:`.database.create_engine`. An engine of
+    your own on MySQL/MariaDB should run at READ COMMITTED, as those do (see
+    :mod:`.database`).
+    """
 
     def __init__(self, settings: WorkerSettings, *, engine: AsyncEngine | None = None) -> None:
         self.settings = settings
