@@ -14,7 +14,7 @@ from sqlalchemy.pool import NullPool
 from routemq_outbox.config import database_url, sync_url
 from routemq_outbox.database import create_engine
 from routemq_outbox.migrate import VERSION_TABLE
-from routemq_outbox.schema import metadata
+from routemq_outbox.schema import include_object, metadata
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or database_url()
@@ -24,6 +24,7 @@ def run_offline() -> None:
     context.configure(
         url=sync_url(url),
         target_metadata=metadata,
+        include_object=include_object(sync_url(url).get_dialect().name),
         version_table=VERSION_TABLE,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
@@ -33,7 +34,12 @@ def run_offline() -> None:
 
 
 def run_on(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata, version_table=VERSION_TABLE)
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        include_object=include_object(connection.dialect.name),
+        version_table=VERSION_TABLE,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -110,16 +110,21 @@ def _with_driver(url: str | URL, *, asynchronous: bool) -> URL:
     if driver not in wanted:
         driver = _DRIVERS[family][0 if asynchronous else 1]
     name = "postgresql" if backend == "postgres" else backend
-    return parsed.set(drivername=f"{name}+{driver}")
+    parsed = parsed.set(drivername=f"{name}+{driver}")
+    if family == "mysql" and "charset" not in parsed.query:
+        # Payloads are UTF-8 JSON and may hold any character (emoji included).
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
 
 
 def async_url(url: str | URL) -> URL:
-    """The URL with an asyncio driver (``postgresql://`` becomes ``postgresql+asyncpg://``)."""
+    """The URL with an asyncio driver (``postgresql://`` becomes ``postgresql+asyncpg://``;
+    ``mysql://`` and ``mariadb://`` get asyncmy and ``charset=utf8mb4``)."""
     return _with_driver(url, asynchronous=True)
 
 
 def sync_url(url: str | URL) -> URL:
-    """The URL with a blocking driver, for the ``*_sync`` dispatch twins."""
+    """The URL with a blocking driver, for the ``*_sync`` dispatch twins (PyMySQL on MySQL)."""
     return _with_driver(url, asynchronous=False)
 
 

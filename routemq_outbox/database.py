@@ -5,6 +5,15 @@ failing with "database is locked"), and a real BEGIN for every transaction inste
 driver's habit of starting one only before the first write (so reads inside a transaction see
 one snapshot). Every transaction the library itself runs starts with its write, which takes the
 write lock at once: two writers never deadlock upgrading a read lock.
+
+MySQL and MariaDB get READ COMMITTED, the level PostgreSQL uses by default. Under their own
+default, REPEATABLE READ, InnoDB's locking reads and searched updates lock the gaps between
+the index entries they scan as well (next-key locks), so a dispatch inserting next to a row a
+worker is claiming or finishing waits for that worker's commit, and gap locks are the usual
+ingredient of InnoDB deadlocks. READ COMMITTED locks only the rows a statement takes, and
+releases at once the rows it reads but does not take. Connections are recycled after
+``MYSQL_POOL_RECYCLE_S``, before the server's ``wait_timeout`` (or a proxy's idle limit)
+closes them under the pool.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from .errors import ConfigurationError
 __all__ = ["connection_engine", "connection_sync_engine", "create_engine", "create_sync_engine"]
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+MYSQL_ISOLATION_LEVEL = "READ COMMITTED"
+MYSQL_POOL_RECYCLE_S = 1800
 
 _DRIVER_PACKAGES = {
     "asyncpg": "asyncpg",
@@ -35,15 +46,28 @@ _DRIVER_PACKAGES = {
     "aiomysql": "aiomysql",
     "pymysql": "PyMySQL",
 }
+_EXTRAS = {"asyncmy": "mysql", "pymysql": "mysql", "psycopg": "sync"}
 
 
 def _driver_missing(url: URL, exc: BaseException) -> ConfigurationError:
     driver = url.get_driver_name()
     package = _DRIVER_PACKAGES.get(driver, driver)
+    if driver in _EXTRAS:
+        package = f'"routemq-outbox[{_EXTRAS[driver]}]"'
     return ConfigurationError(
         f"the database driver {driver!r} for {redact(url)} is not installed "
         f"(pip install {package}): {exc}"
     )
+
+
+def _family_options(url: URL) -> dict[str, Any]:
+    """Engine options each family needs, before the caller's own."""
+    family = dialect_family(url)
+    if family == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if family == "mysql":
+        return {"isolation_level": MYSQL_ISOLATION_LEVEL, "pool_recycle": MYSQL_POOL_RECYCLE_S}
+    return {}
 
 
 def _sqlite_setup(sync_engine: Engine) -> None:
@@ -71,15 +95,15 @@ def create_engine(
     fraction of a second of claims and deletions, which at worst runs a job again, as
     at-least-once delivery allows, and in exchange a commit costs no disk wait. Jobs
     themselves, and producers, keep full durability.
+
+    Keyword arguments go to :func:`~sqlalchemy.ext.asyncio.create_async_engine` and win over
+    the settings above (``isolation_level="REPEATABLE READ"`` restores MySQL's default).
     """
     target = async_url(url)
-    family = dialect_family(target)
-    options: dict[str, Any] = {}
+    options = _family_options(target)
     if "poolclass" not in kwargs:
         options.update(pool_size=pool_size, max_overflow=pool_size)
-    if family == "sqlite":
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    if family == "postgresql" and target.get_driver_name() == "asyncpg":
+    if dialect_family(target) == "postgresql" and target.get_driver_name() == "asyncpg":
         settings = {"application_name": "routemq-outbox" + (" worker" if worker else "")}
         if worker:
             settings["synchronous_commit"] = "off"
@@ -97,9 +121,7 @@ def create_engine(
 def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A blocking Engine for ``url``, for the ``*_sync`` dispatch twins."""
     target = sync_url(url)
-    options: dict[str, Any] = {"pool_pre_ping": True}
-    if dialect_family(target) == "sqlite":
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    options = {"pool_pre_ping": True, **_family_options(target)}
     options.update(kwargs)
     try:
         engine = sa.create_engine(target, **options)

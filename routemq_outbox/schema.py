@@ -10,6 +10,7 @@ it holds is guarded by it, so a worker whose lease expired cannot touch the job 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,18 +22,23 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 __all__ = [
+    "MYSQL_DIALECTS",
     "QUEUE_NAME_MAX",
     "Payload",
     "UTCDateTime",
     "db_now",
     "db_now_plus",
     "failed_jobs",
+    "include_object",
     "jobs",
     "metadata",
     "seconds_since",
 ]
 
 QUEUE_NAME_MAX = 255
+
+# SQLAlchemy calls MySQL's dialect "mysql" and, for ``mariadb://`` URLs, "mariadb".
+MYSQL_DIALECTS = ("mysql", "mariadb")
 
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -193,7 +199,30 @@ def _since_mysql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> st
     return f"(TIMESTAMPDIFF(MICROSECOND, {moment}, UTC_TIMESTAMP(6)) / 1000000.0)"
 
 
+def _only_on(*dialects: str) -> Any:
+    """A ``ddl_if`` rule: create the item on these dialects only. :func:`include_object`
+    reads it back, so that alembic's comparisons skip the item elsewhere."""
+
+    def applies(*_: Any, dialect: Dialect, **__: Any) -> bool:
+        return dialect.name in dialects
+
+    applies.dialects = dialects  # type: ignore[attr-defined]
+    return applies
+
+
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# MySQL's TEXT holds 64 KiB, less than a deep traceback: LONGTEXT there.
+_LongText = sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS)
+
+# MySQL/MariaDB: InnoDB (row locks, SKIP LOCKED, transactions), full Unicode, and a binary
+# collation so that queue names compare by their characters as on PostgreSQL and SQLite
+# ('Mail' is not 'mail'; MySQL's default collations ignore case and accents). Like every
+# PAD SPACE collation it ignores trailing spaces: there, 'a ' is the queue 'a'.
+_MYSQL_TABLE: dict[str, Any] = {
+    f"{dialect}_{option}": value
+    for dialect in MYSQL_DIALECTS
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
 
 jobs = sa.Table(
     "jobs",
@@ -215,6 +244,7 @@ jobs = sa.Table(
         name="reservation_complete",
     ),
     sqlite_autoincrement=True,
+    **_MYSQL_TABLE,
 )
 
 # The claim reads only pending rows in (available_at, id) order within a queue; the partial
@@ -226,8 +256,19 @@ sa.Index(
     jobs.c.id,
     postgresql_where=jobs.c.reserved_at.is_(None),
     sqlite_where=jobs.c.reserved_at.is_(None),
-)
+).ddl_if(callable_=_only_on("postgresql", "sqlite"))
+# MySQL and MariaDB have no partial indexes. With reserved_at as the second column, the
+# pending rows of a queue are still one contiguous range in (available_at, id) order, so the
+# claim reads (and locks) only the rows it takes, never the reserved ones, and needs no sort.
+sa.Index(
+    "ix_jobs_claim_mysql",
+    jobs.c.queue,
+    jobs.c.reserved_at,
+    jobs.c.available_at,
+    jobs.c.id,
+).ddl_if(callable_=_only_on(*MYSQL_DIALECTS))
 # The reaper looks for reserved rows whose lease ran out; kept apart from the claim predicate.
+# (On MySQL, a full index: pending rows have a NULL lease, which no `<` comparison reaches.)
 sa.Index(
     "ix_jobs_lease",
     jobs.c.lease_expires_at,
@@ -243,11 +284,24 @@ failed_jobs = sa.Table(
     sa.Column("connection", sa.String(255), nullable=False),
     sa.Column("queue", sa.String(QUEUE_NAME_MAX), nullable=False),
     sa.Column("payload", Payload(), nullable=False),
-    sa.Column("exception", sa.Text(), nullable=False),
+    sa.Column("exception", _LongText, nullable=False),
     sa.Column("attempts", sa.Integer(), nullable=False),
     sa.Column("job_id", sa.BigInteger(), nullable=True),
     sa.Column("failed_at", UTCDateTime(), nullable=False, server_default=db_now()),
     sqlite_autoincrement=True,
+    **_MYSQL_TABLE,
 )
 sa.Index("ix_failed_jobs_queue_failed_at", failed_jobs.c.queue, failed_jobs.c.failed_at)
 sa.Index("ix_failed_jobs_failed_at", failed_jobs.c.failed_at)
+
+
+def include_object(dialect_name: str) -> Callable[..., bool]:
+    """An alembic ``include_object`` hook (autogenerate, schema comparison) that leaves out
+    the indexes created on other dialects only."""
+
+    def include(item: object, name: str | None, type_: str, reflected: bool, *_: Any) -> bool:
+        rule = getattr(item, "_ddl_if", None) if type_ == "index" and not reflected else None
+        dialects = getattr(rule.callable_, "dialects", None) if rule is not None else None
+        return dialects is None or dialect_name in dialects
+
+    return include

@@ -9,13 +9,20 @@ round trip.
 Claiming follows "The life of a job": on PostgreSQL one statement locks due rows with
 ``FOR UPDATE SKIP LOCKED`` in a CTE (which the planner cannot flatten, so the ``LIMIT`` holds)
 and marks them in the same statement; SQLite, which has one writer at a time, uses
-``UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING``; MySQL/MariaDB lock with
-``SELECT … FOR UPDATE SKIP LOCKED`` then ``UPDATE`` in the same transaction.
+``UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING``; MySQL/MariaDB, which have no
+``UPDATE … RETURNING``, lock with ``SELECT … FOR UPDATE SKIP LOCKED`` then ``UPDATE`` the
+locked rows by primary key in the same transaction.
+
+MySQL and MariaDB run these transactions at READ COMMITTED (see :mod:`.database`): the
+locking read then locks just the rows it returns, with no gap locks. Workers never wait for
+each other's claims (SKIP LOCKED), and every other write locks only rows its worker holds,
+by primary key, so no two workers' transactions can lock rows in opposite orders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -119,11 +126,17 @@ def insert_jobs(
     """One statement inserting ``rows`` of (queue, payload JSON text), whatever their number.
 
     PostgreSQL gets ``INSERT … SELECT … FROM unnest(…)`` for many rows, and (with ``notify``)
-    the ``pg_notify`` in the same statement, so a dispatch costs one round trip. Elsewhere the
-    driver's executemany runs the single-row statement for every row.
+    the ``pg_notify`` in the same statement, so a dispatch costs one round trip. MySQL and
+    MariaDB get ``INSERT … SELECT … FROM JSON_TABLE(…)`` over one JSON array parameter (run
+    once per few MiB of rows, to stay within ``max_allowed_packet``): their drivers turn an
+    executemany into one multi-row INSERT only when every value is a plain parameter, and
+    ``available_at`` comes from the database clock. SQLite, in-process, gets executemany.
     """
     available_at = _available_at(available)
     extra = _available_params(available)
+    if family(dialect_name) == "mysql":
+        chunks = [{"rows": chunk, **extra} for chunk in _json_chunks(rows)]
+        return _insert_from_json(available_at), chunks[0] if len(chunks) == 1 else chunks
     if family(dialect_name) == "postgresql":
         if len(rows) == 1:
             stmt: Any = sa.insert(jobs).values(
@@ -160,6 +173,43 @@ def insert_jobs(
     )
     many = [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
     return single, many[0] if len(many) == 1 else many
+
+
+# The rows of a MySQL dispatch, as a table: position keeps the order of ids.
+_JSON_ROWS = sa.text(
+    "JSON_TABLE(:rows, '$[*]' COLUMNS (position FOR ORDINALITY, "
+    "queue VARCHAR(255) PATH '$[0]', payload LONGTEXT PATH '$[1]')) AS source"
+).bindparams(sa.bindparam("rows", type_=sa.Text()))
+_JSON_CHUNK_BYTES = 4 * 1024 * 1024  # MariaDB's max_allowed_packet is 16 MiB by default
+
+
+def _insert_from_json(available_at: sa.ColumnElement[datetime]) -> sa.Insert:
+    source = (
+        sa.select(
+            sa.literal_column("source.queue", sa.String()),
+            sa.literal_column("source.payload", sa.Text()),
+            available_at,
+        )
+        .select_from(_JSON_ROWS)
+        .order_by(sa.literal_column("source.position"))
+    )
+    return sa.insert(jobs).from_select(["queue", "payload", "available_at"], source)
+
+
+def _json_chunks(rows: Sequence[tuple[str, str]]) -> Iterator[str]:
+    """``rows`` as JSON arrays of ``[queue, payload]``, each at most a few MiB (one row may
+    be larger on its own)."""
+    items: list[str] = []
+    size = 0
+    for row in rows:
+        item = json.dumps(row, ensure_ascii=False)
+        length = len(item.encode())
+        if items and size + length > _JSON_CHUNK_BYTES:
+            yield "[" + ",".join(items) + "]"
+            items, size = [], 0
+        items.append(item)
+        size += length + 1
+    yield "[" + ",".join(items) + "]"
 
 
 def size_statement(queue: str) -> sa.Select[Any]:
@@ -315,6 +365,8 @@ async def _reserve(
     async with conn.begin():
         if kind == "mysql":
             reservation = statements[kind]
+            # Lock the rows in index order, skipping those another worker is locking, then
+            # mark exactly those (already ours) by primary key.
             locked = (await conn.execute(reservation.lock, params)).all()
             if not locked:
                 return []
@@ -344,8 +396,14 @@ async def rescue_expired(
     return await _reserve(conn, _RESCUE, params, count_attempt=False)
 
 
-def _held(pairs: Sequence[tuple[int, int]]) -> sa.ColumnElement[bool]:
-    return sa.tuple_(jobs.c.id, jobs.c.token).in_(list(pairs))
+def _held(dialect_name: str, pairs: Sequence[tuple[int, int]]) -> sa.ColumnElement[bool]:
+    held = sa.tuple_(jobs.c.id, jobs.c.token).in_(list(pairs))
+    if family(dialect_name) == "mysql":
+        # A plain `id IN` as well makes sure, on every MySQL and MariaDB version, that the
+        # statement reads (and locks) only the rows it names, by primary key: when the
+        # optimiser turns an IN list of row values into key ranges varies between versions.
+        return sa.and_(jobs.c.id.in_([job_id for job_id, _ in pairs]), held)
+    return held
 
 
 # PostgreSQL: the pairs travel as two arrays (two parameters however many jobs), and the
@@ -378,7 +436,7 @@ async def finish(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int
             ids, tokens = zip(*pairs, strict=True)
             result = await conn.execute(_FINISH_POSTGRESQL, {"ids": ids, "tokens": tokens})
         else:
-            result = await conn.execute(sa.delete(jobs).where(_held(pairs)))
+            result = await conn.execute(sa.delete(jobs).where(_held(conn.dialect.name, pairs)))
     return int(result.rowcount)
 
 
@@ -389,7 +447,7 @@ async def extend_leases(
     async with conn.begin():
         result = await conn.execute(
             sa.update(jobs)
-            .where(_held(pairs))
+            .where(_held(conn.dialect.name, pairs))
             .values(lease_expires_at=db_now_plus(sa.literal(float(lease), sa.Float())))
         )
     return int(result.rowcount)
@@ -413,7 +471,9 @@ async def release(
     if refund_attempt:
         values["attempts"] = sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
     async with conn.begin():
-        result = await conn.execute(sa.update(jobs).where(_held(pairs)).values(values))
+        result = await conn.execute(
+            sa.update(jobs).where(_held(conn.dialect.name, pairs)).values(values)
+        )
     return int(result.rowcount)
 
 

@@ -199,7 +199,12 @@ class _Lane:
 
 
 class Worker:
-    """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully."""
+    """Drains the ``jobs`` table. ``await worker.run()``; ``worker.stop()`` ends it gracefully.
+
+    Without ``engine`` it makes its own with :func:`.database.create_engine`. An engine of
+    your own on MySQL/MariaDB should run at READ COMMITTED, as those do (see
+    :mod:`.database`).
+    """
 
     def __init__(
         self,

@@ -6,11 +6,21 @@ non-root user), or, when ``ROUTEMQ_OUTBOX_TEST_POSTGRESQL`` names a running serv
 run once into a template database and each test gets its own clone.
 
 SQLite: the migrated file is made once per session and copied for each test.
+
+MySQL/MariaDB: the server named by ``ROUTEMQ_OUTBOX_TEST_MYSQL`` (e.g.
+``mysql://root@127.0.0.1:3306/test``; CI sets it), else one at 127.0.0.1:3306 if it answers;
+without either, the MariaDB tests are skipped, saying why. The migrations run once into a
+template database; each test gets a new database with ``CREATE TABLE … LIKE`` each template
+table (and its rows: the migration version), dropped after the test.
+
+``db_url`` parametrises a test over every backend; a suite that takes it (or ``engine``)
+runs on all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import socket
@@ -26,12 +36,17 @@ from pytest_postgresql import factories
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool
 
+from routemq_outbox.config import redact
 from routemq_outbox.database import create_engine, create_sync_engine
 from routemq_outbox.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ENV = "ROUTEMQ_OUTBOX_TEST_POSTGRESQL"
+MYSQL_ENV = "ROUTEMQ_OUTBOX_TEST_MYSQL"
+MYSQL_SERVER = os.environ.get(MYSQL_ENV, "")
+MYSQL_LOCAL = "mysql://root@127.0.0.1:3306/test"
 TEST_DBNAME = f"routemq_outbox_test_{os.getpid()}"
 
 
@@ -122,13 +137,139 @@ def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
-BACKENDS = ["postgresql", "sqlite"]
+@pytest.fixture
+def empty_sqlite_url(tmp_path: Path) -> str:
+    """URL of a new, empty SQLite database file."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+
+
+class MySQLServer:
+    """The MySQL/MariaDB server of the tests, and the databases made on it."""
+
+    def __init__(self, url: sa.URL) -> None:
+        self.url = url
+        self.admin = create_sync_engine(url, poolclass=NullPool)
+        self._names = itertools.count(1)
+
+    def version(self) -> str:
+        with self.admin.connect() as conn:
+            return str(conn.exec_driver_sql("SELECT VERSION()").scalar_one())
+
+    def url_of(self, database: str) -> str:
+        """The asyncio URL of ``database`` on this server."""
+        driver = f"{self.url.get_backend_name()}+asyncmy"
+        return self.url.set(drivername=driver, database=database).render_as_string(
+            hide_password=False
+        )
+
+    def create(self, template: str | None = None) -> str:
+        """A new database, empty or with the tables (and rows) of ``template``."""
+        name = f"{TEST_DBNAME}_{next(self._names)}"
+        with self.admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+            if template is not None:
+                tables = conn.exec_driver_sql(f"SHOW TABLES FROM `{template}`").scalars().all()
+                for table in tables:
+                    conn.exec_driver_sql(
+                        f"CREATE TABLE `{name}`.`{table}` LIKE `{template}`.`{table}`"
+                    )
+                    conn.exec_driver_sql(
+                        f"INSERT INTO `{name}`.`{table}` SELECT * FROM `{template}`.`{table}`"
+                    )
+        return name
+
+    def drop(self, name: str) -> None:
+        """Drop ``name``; connections still in a transaction on it are killed first."""
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql("SET SESSION lock_wait_timeout = 10")
+            try:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+                return
+            except sa.exc.OperationalError:
+                pass  # a leftover transaction holds a table lock
+            ids = conn.exec_driver_sql(
+                "SELECT id FROM information_schema.PROCESSLIST WHERE db = %s AND id <> "
+                "CONNECTION_ID()",
+                (name,),
+            ).scalars()
+            for connection_id in ids:
+                conn.exec_driver_sql(f"KILL {int(connection_id)}")
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+
+    def close(self) -> None:
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[MySQLServer]:
+    """The server named by ROUTEMQ_OUTBOX_TEST_MYSQL, else a local one; skip if there is none."""
+    server = MySQLServer(make_url(MYSQL_SERVER or MYSQL_LOCAL))
+    try:
+        server.version()
+    except (sa.exc.DBAPIError, OSError) as exc:
+        server.close()
+        if MYSQL_SERVER:
+            pytest.fail(f"{MYSQL_ENV}={redact(MYSQL_SERVER)} cannot be reached: {exc}")
+        pytest.skip(
+            f"no MySQL/MariaDB server answers at {redact(MYSQL_LOCAL)} ({type(exc).__name__}): "
+            f"start one there, or set {MYSQL_ENV} to the URL of one"
+        )
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_template(mysql_server: MySQLServer) -> Iterator[str]:
+    """A migrated database, the model of each test's own."""
+    name = mysql_server.create()
+    try:
+        upgrade(mysql_server.url_of(name))
+        yield name
+    finally:
+        mysql_server.drop(name)
+
+
+@pytest.fixture
+def mysql_database(mysql_server: MySQLServer) -> Iterator[Callable[..., str]]:
+    """Makes databases on the MySQL/MariaDB server (``template=`` to clone one), returns their
+    URLs, and drops them after the test."""
+    made: list[str] = []
+
+    def make(template: str | None = None) -> str:
+        made.append(mysql_server.create(template))
+        return mysql_server.url_of(made[-1])
+
+    yield make
+    for name in made:
+        mysql_server.drop(name)
+
+
+@pytest.fixture
+def mariadb_url(mysql_database: Callable[..., str], mysql_template: str) -> str:
+    """URL of a fresh, migrated MySQL/MariaDB database for this test."""
+    return mysql_database(mysql_template)
+
+
+@pytest.fixture
+def empty_mariadb_url(mysql_database: Callable[..., str]) -> str:
+    """URL of a new, empty MySQL/MariaDB database (no tables), dropped after the test."""
+    return mysql_database()
+
+
+BACKENDS = ["postgresql", "sqlite", "mariadb"]
+# backend -> the fixture giving a fresh migrated database of it / an empty one
+DB_URL_FIXTURES = {"postgresql": "pg_url", "sqlite": "sqlite_url", "mariadb": "mariadb_url"}
+EMPTY_DB_URL_FIXTURES = {
+    "postgresql": "empty_pg_url",
+    "sqlite": "empty_sqlite_url",
+    "mariadb": "empty_mariadb_url",
+}
 
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh migrated database of each backend, also set as the configured default."""
-    url: str = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    url: str = request.getfixturevalue(DB_URL_FIXTURES[request.param])
     monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", url)
     return url
 
@@ -151,7 +292,10 @@ def sync_engine(db_url: str) -> Iterator[sa.Engine]:
 def _no_stray_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never pick up the developer's own database settings."""
     for name in list(os.environ):
-        if (name.startswith("ROUTEMQ_OUTBOX_") and name != PG_ENV) or name == "DATABASE_URL":
+        test_servers = (PG_ENV, MYSQL_ENV)
+        if (name.startswith("ROUTEMQ_OUTBOX_") and name not in test_servers) or (
+            name == "DATABASE_URL"
+        ):
             monkeypatch.delenv(name)
 
 

@@ -24,9 +24,11 @@ log_table = sa.table(
     sa.column("at", sa.Float),
 )
 
+# DOUBLE PRECISION: MySQL's FLOAT is single precision, which rounds a Unix time to minutes.
 CREATE_LOG = (
     "CREATE TABLE IF NOT EXISTS job_log (job_key VARCHAR(100) NOT NULL, "
-    "event VARCHAR(40) NOT NULL, attempt INTEGER NOT NULL, pid INTEGER NOT NULL, at FLOAT NOT NULL)"
+    "event VARCHAR(40) NOT NULL, attempt INTEGER NOT NULL, pid INTEGER NOT NULL, "
+    "at DOUBLE PRECISION NOT NULL)"
 )
 
 

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from routemq_outbox import Job, dispatch, dispatch_sync, queue
+from routemq_outbox import Job, dispatch, dispatch_sync, queue, sql
+from routemq_outbox.database import create_engine
 from routemq_outbox.errors import (
     DispatchError,
     InvalidDelay,
@@ -55,6 +56,14 @@ async def business(engine: AsyncEngine) -> None:
         await conn.execute(
             sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER CHECK (total > 0))")
         )
+
+
+def check_violation(engine: AsyncEngine | sa.Engine) -> type[sa.exc.DBAPIError]:
+    """What a failed CHECK constraint raises. MariaDB's error 4025 is an OperationalError to
+    the PyMySQL family of drivers (asyncmy, aiomysql, PyMySQL), not an IntegrityError."""
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return sa.exc.OperationalError
+    return sa.exc.IntegrityError
 
 
 async def rows(engine: AsyncEngine) -> list[sa.Row[tuple[object, ...]]]:
@@ -122,7 +131,7 @@ async def test_business_write_and_dispatch_commit_together(
 async def test_failed_business_write_after_dispatch_removes_the_job(
     engine: AsyncEngine, business: None
 ) -> None:
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(check_violation(engine)):
         async with AsyncSession(engine) as session, session.begin():
             await dispatch(notification(), session=session)
             await session.execute(sa.insert(orders).values(id=2, total=-5))  # CHECK fails
@@ -152,7 +161,7 @@ def test_sync_twin_is_atomic_with_the_business_write(
     with sync_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
 
-    with pytest.raises(sa.exc.IntegrityError), sync_engine.begin() as conn:
+    with pytest.raises(check_violation(sync_engine)), sync_engine.begin() as conn:
         queue.push_sync(notification(), session=conn)
         conn.execute(sa.insert(orders).values(id=5, total=0))
     with sync_engine.connect() as conn:
@@ -219,6 +228,31 @@ async def test_later_delays_by_seconds_timedelta_or_until_an_aware_datetime(
     assert abs((fourth.available_at - now).total_seconds() - 1.5) <= 1
 
 
+async def test_mysql_times_do_not_depend_on_the_session_time_zone(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DATETIME(6) columns hold UTC and the library compares them with UTC_TIMESTAMP, so a
+    connection whose time zone is far from UTC sees the same due times."""
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", mariadb_url)
+    engine = create_engine(mariadb_url, connect_args={"init_command": "SET time_zone = '-09:00'"})
+    at = datetime(2031, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    async with engine.begin() as conn:
+        assert (await conn.execute(sa.text("SELECT @@time_zone"))).scalar_one() == "-09:00"
+        await queue.later(at, notification(1), session=conn)
+        await queue.later(3600, notification(2), session=conn)
+        await dispatch(notification(3), session=conn)
+    first, second, third = await rows(engine)
+    assert first.available_at == at
+    now = await db_now(engine)
+    assert abs((second.available_at - now).total_seconds() - 3600) <= 1
+    assert abs((third.available_at - now).total_seconds()) <= 1
+    assert abs((now - datetime.now(UTC)).total_seconds()) < 60  # UTC, not 9 hours behind
+    async with engine.connect() as conn:
+        (claimed,) = await sql.claim(conn, "notifications", 10, 1, 30)
+    assert json.loads(claimed.payload)["data"]["user_id"] == 3
+    await engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("delay", "message"),
     [
@@ -259,6 +293,24 @@ async def test_bulk_of_ten_thousand_jobs_is_a_constant_number_of_statements(
     assert await queue.size("fanout") == 10_000
     payloads = {json.loads(r.payload)["data"]["user_id"] for r in await rows(engine)}
     assert payloads == set(range(10_000))
+
+
+async def test_a_bulk_beyond_one_packet_keeps_its_order_and_is_all_or_nothing(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MySQL sends a bulk as JSON documents of a few MiB each: here, of about 2 kB."""
+    monkeypatch.setattr(sql, "_JSON_CHUNK_BYTES", 2000)
+    batch = [notification(i, "x" * 100) for i in range(100)]
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        await queue.bulk(batch, session=conn)
+        await transaction.rollback()
+    assert await rows(engine) == []
+
+    await queue.bulk(batch)
+    payloads = [json.loads(r.payload)["data"] for r in await rows(engine)]
+    assert [p["user_id"] for p in payloads] == list(range(100))
+    assert {p["message"] for p in payloads} == {"x" * 100}
 
 
 async def test_bulk_of_nothing_touches_nothing(engine: AsyncEngine) -> None:

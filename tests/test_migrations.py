@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ from alembic.migration import MigrationContext
 
 from routemq_outbox.database import create_sync_engine
 from routemq_outbox.migrate import VERSION_TABLE, downgrade, head_revision, upgrade
-from routemq_outbox.schema import metadata
+from routemq_outbox.schema import include_object, metadata
 
-from .conftest import ROOT
+from .conftest import BACKENDS, DB_URL_FIXTURES, EMPTY_DB_URL_FIXTURES, ROOT
 
 
 def dump_schema(url: str) -> dict[str, Any]:
@@ -51,6 +52,22 @@ def dump_schema(url: str) -> dict[str, Any]:
                         "WHERE tablename IN ('jobs', 'failed_jobs') ORDER BY indexname"
                     )
                 )
+            elif conn.dialect.name in ("mysql", "mariadb"):
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT CONCAT(table_name, '.', index_name), GROUP_CONCAT(CONCAT("
+                        "column_name, ' ', non_unique, ' ', index_type) ORDER BY seq_in_index) "
+                        "FROM information_schema.statistics WHERE table_schema = DATABASE() "
+                        "AND table_name IN ('jobs', 'failed_jobs') "
+                        "GROUP BY table_name, index_name ORDER BY 1"
+                    )
+                )
+                for table in ("jobs", "failed_jobs"):
+                    # engine, charset, collations, defaults, CHECKs: the table as the server
+                    # would recreate it, less its indexes (above; listed in creation order here)
+                    ddl = conn.execute(sa.text(f"SHOW CREATE TABLE {table}")).one()[1]
+                    lines = [line for line in ddl.splitlines() if not line.startswith("  KEY ")]
+                    schema[table]["ddl"] = re.sub(r" AUTO_INCREMENT=\d+", "", "\n".join(lines))
             else:
                 rows = conn.execute(
                     sa.text(
@@ -71,10 +88,13 @@ def create_from_models(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=BACKENDS)
 def two_empty_databases(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    if request.param == "mariadb":
+        make = request.getfixturevalue("mysql_database")
+        return make(), make()
     migrated = request.getfixturevalue("empty_pg_url")
     models = request.getfixturevalue("pg_url")
     downgrade(models, "base")  # the per-test database comes migrated: empty it
@@ -93,7 +113,12 @@ def test_migrations_build_exactly_the_models(two_empty_databases: tuple[str, str
     engine = create_sync_engine(by_migrations)
     with engine.connect() as conn:
         context = MigrationContext.configure(
-            conn, opts={"compare_type": True, "version_table": VERSION_TABLE}
+            conn,
+            opts={
+                "compare_type": True,
+                "version_table": VERSION_TABLE,
+                "include_object": include_object(conn.dialect.name),
+            },
         )
         assert compare_metadata(context, metadata) == []
         assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == (
@@ -102,10 +127,38 @@ def test_migrations_build_exactly_the_models(two_empty_databases: tuple[str, str
     engine.dispose()
     migrated = dump_schema(by_migrations)
     assert migrated == dump_schema(by_models)
-    assert any(
-        "WHERE (reserved_at IS NULL)" in d or "WHERE reserved_at IS NULL" in d
-        for _, d in migrated["indexes"]
-    )
+    if "ddl" in migrated["jobs"]:  # MySQL/MariaDB: no partial indexes, a claim index of its own
+        assert (
+            "jobs.ix_jobs_claim_mysql",
+            "queue 1 BTREE,reserved_at 1 BTREE,available_at 1 BTREE,id 1 BTREE",
+        ) in migrated["indexes"]
+        assert "ENGINE=InnoDB" in migrated["jobs"]["ddl"]
+        assert "COLLATE=utf8mb4_bin" in migrated["failed_jobs"]["ddl"]
+    else:
+        assert any(
+            "WHERE (reserved_at IS NULL)" in d or "WHERE reserved_at IS NULL" in d
+            for _, d in migrated["indexes"]
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_tests_database_is_an_exact_copy_of_a_migrated_one(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The per-test databases (cloned from a template) are what the migrations build."""
+    clone = request.getfixturevalue(DB_URL_FIXTURES[backend])
+    fresh = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    upgrade(fresh)
+    assert dump_schema(clone) == dump_schema(fresh)
+
+
+def test_mysql_ddl_can_be_printed_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+    upgrade("mysql://app@db.invalid/app", sql=True)
+    ddl = capsys.readouterr().out
+    assert "CREATE TABLE jobs" in ddl
+    assert "CREATE INDEX ix_jobs_claim_mysql ON jobs (queue, reserved_at, available_at, id)" in ddl
+    assert "ENGINE=InnoDB" in ddl
+    assert "ix_jobs_claim ON" not in ddl
 
 
 def alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -128,15 +181,11 @@ def tables(url: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_alembic_upgrade_and_downgrade_in_the_checkout(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest
 ) -> None:
-    url = (
-        request.getfixturevalue("empty_pg_url")
-        if backend == "postgresql"
-        else f"sqlite+aiosqlite:///{tmp_path / 'checkout.db'}"
-    )
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
     up = alembic("upgrade", "head", url=url)
     assert up.returncode == 0, up.stderr
     assert {"jobs", "failed_jobs", VERSION_TABLE} <= tables(url)

@@ -37,24 +37,34 @@ def code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
 
 
+MARKS = {"postgresql": " (PostgreSQL)", "sqlite": " (SQLite)", "mysql": " (MySQL)"}
+
+
 def named_queries(dialect: str | None = None) -> dict[str, str]:
     """The SQL of "Queue size in SQL", keyed by the first word(s) of each comment. With
-    ``dialect``, the queries marked "(PostgreSQL)" or "(SQLite)" only for that one, without
-    the mark."""
-    (block,) = code_blocks(section("Queue size in SQL"), "sql")
-    marks = {"postgresql": " (PostgreSQL)", "sqlite": " (SQLite)"}
+    ``dialect``, the queries marked "(PostgreSQL)", "(SQLite)" or "(MySQL)" only for that one,
+    without the mark; on MySQL and MariaDB, the README's MySQL block replaces the queries it
+    names."""
+    portable, mysql = code_blocks(section("Queue size in SQL"), "sql")
+    family = "mysql" if dialect in ("mysql", "mariadb") else dialect
+    queries = _parse_queries(portable, family)
+    if family == "mysql":
+        queries.update(_parse_queries(mysql, family))
+    return queries
+
+
+def _parse_queries(block: str, family: str | None) -> dict[str, str]:
     queries = {}
     for chunk in block.split(";"):
         lines = [line for line in chunk.strip().splitlines() if line.strip()]
         if not lines:
             continue
         name = lines[0].removeprefix("-- ").split(":")[0]
-        if dialect is not None:
-            mark = next((m for m in marks.values() if name.endswith(m)), None)
-            if mark is not None:
-                if mark != marks[dialect]:
-                    continue
-                name = name.removesuffix(mark)
+        mark = next((m for m in MARKS.values() if name.endswith(m)), None)
+        if family is not None and mark is not None:
+            if mark != MARKS[family]:
+                continue
+            name = name.removesuffix(mark)
         queries[name] = "\n".join(lines[1:])
     return queries
 
@@ -81,6 +91,17 @@ async def test_queue_size_queries_match_the_library(engine: AsyncEngine) -> None
         "failed in the last hour (SQLite)",
     }
     queries = named_queries(engine.dialect.name)
+    assert set(queries) == {
+        "pending",
+        "delayed",
+        "reserved",
+        "failed",
+        "size",
+        "by queue",
+        "failed by queue",
+        "oldest due age",
+        "failed in the last hour",
+    }
     await queue.bulk([Noop() for _ in range(4)])
     await queue.push(Noop(), queue="other")
     async with engine.begin() as conn:  # make them due for certain, even at 1 s precision
@@ -108,6 +129,12 @@ async def test_queue_size_queries_match_the_library(engine: AsyncEngine) -> None
         def count(name: str) -> int:
             return int(results[name][0][0])
 
+        if engine.dialect.name in ("mysql", "mariadb"):
+            # A session far from UTC: the README's MySQL queries must not depend on it, and
+            # the portable ones would be wrong (jobs due in an hour or two would be pending).
+            await conn.execute(sa.text("SET time_zone = '+05:00'"))
+            portable = named_queries()["pending"]
+            assert int((await conn.execute(sa.text(portable))).scalar_one()) == 5
         results = {name: (await conn.execute(sa.text(sql))).all() for name, sql in queries.items()}
         size = await queue.size("default", session=conn)
 

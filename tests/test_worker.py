@@ -22,6 +22,7 @@ from routemq_outbox.schema import db_now, failed_jobs, jobs
 from routemq_outbox.sql import FailedRecord, claim, finish, move_to_failed, release, rescue_expired
 
 from . import jobs as test_jobs
+from .conftest import DB_URL_FIXTURES
 from .processes import PrivatePostgres, SpawnWorker, WorkerProcess
 
 
@@ -99,6 +100,7 @@ async def drain(url: str, **overrides: object) -> Worker:
     [
         ("postgresql", 4, 5000),
         ("sqlite", 2, 5000),
+        ("mariadb", 4, 5000),
     ],
 )
 async def test_concurrent_worker_processes_run_every_job_exactly_once(
@@ -109,7 +111,7 @@ async def test_concurrent_worker_processes_run_every_job_exactly_once(
     spawn: SpawnWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "sqlite_url")
+    url = request.getfixturevalue(DB_URL_FIXTURES[backend])
     monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", url)
     engine = create_engine(url)
     async with engine.begin() as conn:
