@@ -146,17 +146,19 @@ def insert_jobs(
             )
             params: dict[str, Any] = {"queue": rows[0][0], "payload": rows[0][1], **extra}
         else:
+            # The payloads travel as text[] and become JSONB in the server: the driver encodes
+            # a text array in C, where a JSONB array costs a Python call per element.
             source = (
                 sa.func.unnest(
                     sa.bindparam("queues", type_=postgresql.ARRAY(sa.String())),
-                    sa.bindparam("payloads", type_=postgresql.ARRAY(Payload())),
+                    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
                 )
                 .table_valued("queue", "payload")
                 .render_derived(name="source")
             )
             stmt = sa.insert(jobs).from_select(
                 ["queue", "payload", "available_at"],
-                sa.select(source.c.queue, source.c.payload, available_at),
+                sa.select(source.c.queue, sa.cast(source.c.payload, Payload()), available_at),
             )
             params = {
                 "queues": [queue for queue, _ in rows],
