@@ -167,6 +167,39 @@ async def server_info(url: str) -> dict[str, Any]:
         await conn.close()
 
 
+# ---------------------------------------------------------------------------------- machine
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def machine_busy(seconds: float = 1.0) -> dict[str, Any]:
+    """How busy the machine is *before* the suite starts, and the load average.
+
+    Every number here is a share of 2 cores also used by PostgreSQL: anything else running
+    (a test suite, a build) changes them. This is recorded, and a warning printed, so that a
+    noisy result can be told from a regression.
+    """
+    before = _cpu_jiffies()
+    await asyncio.sleep(seconds)
+    after = _cpu_jiffies()
+    busy = None
+    if before and after and after[1] > before[1]:
+        busy = (after[0] - before[0]) / (after[1] - before[1])
+    load = None
+    with contextlib.suppress(OSError, ValueError):
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+    return {"cpu_busy_share": busy, "loadavg_1min": load, "cpus": os.cpu_count()}
+
+
 # -------------------------------------------------------------------------------- processes
 
 

@@ -74,6 +74,14 @@ def render(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in versions.items())
     )
 
+    before = meta.get("machine", {}).get("before", {})
+    if before.get("cpu_busy_share") is not None:
+        out.append(
+            f"Machine: {before.get('cpus')} CPUs, {before['cpu_busy_share']:.0%} busy in the "
+            f"second before the run (load average {before.get('loadavg_1min')}); any other load "
+            "makes every number here noisy"
+        )
+
     enqueue = results.get("bulk_enqueue", {})
     out += ["", f"Bulk enqueue, {sizes['enqueue_chunk']:,} jobs per call/transaction"]
     out += _table(
@@ -206,14 +214,13 @@ def render(results: dict[str, Any]) -> str:
             [
                 f"{int(backlog):,} jobs",
                 _num(entry.get("peak_mib"), 1),
-                _num(entry.get("first_rss_mib"), 1),
                 _num(entry.get("last_rss_mib"), 1),
                 _num(entry.get("wall_seconds"), 1),
                 _num(entry.get("jobs_per_s_incl_startup")),
             ]
         )
     out += _table(
-        ["backlog", "peak MiB", "first RSS", "last RSS", "wall s", "jobs/s incl. start-up"],
+        ["backlog", "peak MiB (VmHWM)", "last RSS", "wall s", "jobs/s incl. start-up"],
         rss_rows,
     )
 

@@ -56,7 +56,7 @@ FULL = Sizes(
     jobs=20_000,
     repeats=3,
     enqueue_chunk=1_000,
-    dispatch_transactions={1: 2_000, 8: 4_000},
+    dispatch_transactions={1: 1_000, 8: 2_000},
     dispatch_rounds=3,
     latency_samples_listen=200,
     latency_samples_poll=30,
@@ -87,6 +87,9 @@ QUICK = Sizes(
 # Idle gaps between latency samples. With polling, the gap spans a whole poll interval (the
 # worker's default sleep of 1 s) so dispatches land at uniformly random points of the cycle.
 LISTEN_GAP_S = 0.05
+
+# A machine busier than this before the run (other processes on the CPUs) gets a warning.
+BUSY_WARNING = 0.15
 POLL_GAP_S = 1.0
 
 
@@ -386,14 +389,24 @@ async def run_async(
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    machine: dict[str, Any] = {}
     try:
         await session.sweep_stale()
         server = await harness.server_info(database_url)
+        machine["before"] = await harness.machine_busy()
+        busy = machine["before"]["cpu_busy_share"]
+        if busy is not None and busy > BUSY_WARNING:
+            say(
+                f"WARNING: the machine is {busy:.0%} busy before the run started; "
+                "something else is using the CPUs and these numbers will be noisy"
+            )
         for system in systems:
             await getattr(runner, system)()
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            machine["after"] = await harness.machine_busy(0.5)
         # Shielded: a second cancellation must not interrupt the clean-up half way.
         await asyncio.shield(session.close())
         if keep_logs:
@@ -403,6 +416,7 @@ async def run_async(
             "quick": quick,
             "sizes": asdict(sizes),
             "server": server,
+            "machine": machine,
             "versions": _versions(),
             "settings": {
                 "routemq_drain": {
