@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--json PATH] [--database-url URL]``.
 
 Exits 0 when every measurement produced a sane number (targets may still be missed: they are
-reported, not asserted), 1 when any is missing or impossible, 130 on Ctrl-C.
+reported, not asserted), 1 when any is missing or impossible, 130 on Ctrl-C, 143 on
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; everything the run started was stopped and dropped", file=sys.stderr)
         return 130
+    except asyncio.CancelledError:
+        # SIGTERM cancels the run (see suite.run_async); clean-up has already happened.
+        print("terminated; everything the run started was stopped and dropped", file=sys.stderr)
+        return 143
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

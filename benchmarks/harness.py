@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ __all__ = [
     "ROOT",
     "Child",
     "ChildFailed",
+    "ForeignLoad",
     "RssSampler",
     "Session",
     "median",
@@ -200,6 +201,85 @@ async def machine_busy(seconds: float = 1.0) -> dict[str, Any]:
     return {"cpu_busy_share": busy, "loadavg_1min": load, "cpus": os.cpu_count()}
 
 
+class ForeignLoad:
+    """CPU time used during the run by processes that are neither ours nor PostgreSQL's.
+
+    The suite's numbers assume it has the machine (and PostgreSQL) to itself. Every second this
+    sums the CPU ticks of all other processes (not in the suite's own session or its children's
+    sessions, not named ``postgres``), so a report can say how much else was running. Work that
+    others' clients cause inside PostgreSQL is not counted: this is a lower bound.
+    """
+
+    def __init__(self, own_sessions: Callable[[], set[int]], interval: float = 1.0) -> None:
+        self.own_sessions = own_sessions
+        self.interval = interval
+        self.ticks = 0
+        self.started = time.perf_counter()
+        self._seen: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start_tick = 0.0
+
+    def _scan(self) -> dict[int, tuple[int, int]]:
+        """pid -> (CPU ticks used, start time in ticks since boot) of every foreign process."""
+        own = self.own_sessions()
+        usage: dict[int, tuple[int, int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    text = stat.read()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            # Fields after the command (0-based): 3 session, 11 utime, 12 stime, 19 starttime.
+            # Session 0 is the kernel's own threads (I/O on our behalf, among others).
+            if comm == "postgres" or int(fields[3]) in own or int(fields[3]) == 0:
+                continue
+            usage[int(entry.name)] = (int(fields[11]) + int(fields[12]), int(fields[19]))
+        return usage
+
+    def _sample(self, *, first: bool = False) -> None:
+        usage = self._scan()
+        if not first:
+            for pid, (ticks, started) in usage.items():
+                if pid in self._seen:
+                    self.ticks += max(0, ticks - self._seen[pid])
+                elif started >= self._start_tick:
+                    self.ticks += ticks  # born during the run: all of its CPU is in it
+        self._seen = {pid: ticks for pid, (ticks, _) in usage.items()}
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self._sample()
+
+    def start(self) -> None:
+        if not os.path.isdir("/proc"):
+            return
+        with contextlib.suppress(OSError, ValueError):
+            uptime = float(Path("/proc/uptime").read_text().split()[0])
+            self._start_tick = uptime * self._hz
+        self._sample(first=True)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> dict[str, Any]:
+        if self._task is None:
+            return {}
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._sample()
+        seconds = time.perf_counter() - self.started
+        cpu = self.ticks / self._hz
+        return {
+            "foreign_cpu_seconds": cpu,
+            "foreign_cpu_share": cpu / seconds / (os.cpu_count() or 1) if seconds else None,
+        }
+
+
 # -------------------------------------------------------------------------------- processes
 
 
@@ -265,6 +345,10 @@ class Session:
         self.databases: list[str] = []
         self.children: list[Child] = []
         self._counter = 0
+
+    def own_sessions(self) -> set[int]:
+        """Session ids of this process and of every child it started (each has its own)."""
+        return {os.getsid(0), *(child.pid for child in self.children)}
 
     # -------------------------------------------------------------------------- databases
 

@@ -81,6 +81,13 @@ def render(results: dict[str, Any]) -> str:
             f"second before the run (load average {before.get('loadavg_1min')}); any other load "
             "makes every number here noisy"
         )
+    during = meta.get("machine", {}).get("during", {})
+    if during.get("foreign_cpu_seconds") is not None:
+        out.append(
+            f"Other processes used {during['foreign_cpu_seconds']:.0f} CPU-seconds during the run "
+            f"({during['foreign_cpu_share']:.0%} of all CPUs; PostgreSQL work they caused "
+            "not counted)"
+        )
 
     enqueue = results.get("bulk_enqueue", {})
     out += ["", f"Bulk enqueue, {sizes['enqueue_chunk']:,} jobs per call/transaction"]

@@ -390,6 +390,7 @@ async def run_async(
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
     machine: dict[str, Any] = {}
+    foreign = harness.ForeignLoad(session.own_sessions)
     try:
         await session.sweep_stale()
         server = await harness.server_info(database_url)
@@ -400,12 +401,14 @@ async def run_async(
                 f"WARNING: the machine is {busy:.0%} busy before the run started; "
                 "something else is using the CPUs and these numbers will be noisy"
             )
+        foreign.start()
         for system in systems:
             await getattr(runner, system)()
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
         with contextlib.suppress(Exception):
+            machine["during"] = await foreign.stop()
             machine["after"] = await harness.machine_busy(0.5)
         # Shielded: a second cancellation must not interrupt the clean-up half way.
         await asyncio.shield(session.close())
