@@ -231,8 +231,10 @@ def find_problems(results: dict[str, Any], systems: tuple[str, ...]) -> list[str
             continue
         if p50 > p99:
             problems.append(f"latency {name}: p50 {p50:.3f} ms > p99 {p99:.3f} ms")
-        if p50 <= 0 or (_number(entry.get("min_ms")) or 0) < -1.0:
-            problems.append(f"latency {name}: impossible value (p50 {p50:.3f} ms)")
+        # A few slightly negative samples can happen on a loaded machine (see
+        # harness.sample_latency); a median at or below zero cannot.
+        if p50 <= 0:
+            problems.append(f"latency {name}: impossible p50 of {p50:.3f} ms")
 
     if "routemq" in systems:
         for backlog in (claim_small, claim_large):

@@ -14,12 +14,13 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -619,4 +620,46 @@ def latency_summary(samples_ms: Sequence[float]) -> dict[str, float]:
         "max_ms": max(samples_ms, default=math.nan),
         "min_ms": min(samples_ms, default=math.nan),
         "samples": len(samples_ms),
+    }
+
+
+Send = Callable[[int], Awaitable[tuple[float, float]]]
+"""Dispatches job ``seq`` in a transaction of its own; returns perf_counter() just before
+the COMMIT was sent and just after it returned."""
+
+
+async def sample_latency(
+    send: Send, marks: Path, worker: Child, *, samples: int, max_gap: float, seed: int = 7
+) -> dict[str, Any]:
+    """Commit-to-``handle()`` latency of an idle ``worker``, one job at a time.
+
+    A warm-up job first proves the worker is up, connected and listening. Each sample then
+    waits a random 10 ms..``max_gap`` (so the worker is idle and, when polling, the dispatch
+    lands at a random phase of the poll cycle), dispatches, and waits for the job's mark.
+
+    Latency counts from the instant the COMMIT *returned* to the dispatcher. On a loaded
+    machine the dispatcher can be descheduled right after its commit while the worker runs,
+    so a sample can come out slightly negative; ``commit_ms`` (how long the COMMIT itself
+    took) bounds that uncertainty.
+    """
+    rng = random.Random(seed)
+    await send(-1)
+    if await wait_for_mark(marks, -1, timeout=60) is None:
+        raise ChildFailed(f"{worker.name} never ran the warm-up job\n{worker.tail()}")
+    await asyncio.sleep(0.5)
+    latencies_ms: list[float] = []
+    commits_ms: list[float] = []
+    for seq in range(samples):
+        await asyncio.sleep(rng.uniform(0.01, max_gap))
+        before, committed = await send(seq)
+        started = await wait_for_mark(marks, seq, timeout=30)
+        if started is None:
+            raise ChildFailed(f"{worker.name}: job {seq} never started\n{worker.tail()}")
+        latencies_ms.append((started - committed) * 1000)
+        commits_ms.append((committed - before) * 1000)
+    return {
+        **latency_summary(latencies_ms),
+        "negative_samples": sum(1 for v in latencies_ms if v < 0),
+        "commit_p50_ms": percentile(commits_ms, 50),
+        "latencies_ms": latencies_ms,
     }

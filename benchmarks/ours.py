@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -354,12 +353,7 @@ def cli_args(url: str, *extra: str) -> list[str]:
 async def latency(
     session: Session, url: str, *, listen: bool, samples: int, max_gap: float
 ) -> dict[str, Any]:
-    """Commit-to-``handle()`` latency against an idle CLI worker, one job at a time.
-
-    Each sample dispatches one job in its own transaction, stamps the clock when the commit
-    returns, and waits for the job's mark. The pause before the next sample is random up to
-    ``max_gap`` so that, when polling, dispatches land at random phases of the poll cycle.
-    """
+    """Commit-to-``handle()`` latency against an idle CLI worker (see sample_latency)."""
     from routemq_outbox import dispatch
     from routemq_outbox.database import create_engine
 
@@ -374,32 +368,21 @@ async def latency(
         {MARKS_ENV: str(marks)},
     )
     engine = create_engine(url, pool_size=1)
-    rng = random.Random(7)
-    latencies_ms: list[float] = []
+
+    async def send(seq: int) -> tuple[float, float]:
+        async with engine.begin() as conn:
+            await dispatch(MarkJob(seq), session=conn)
+            before_commit = time.perf_counter()
+        return before_commit, time.perf_counter()
+
     try:
         with notify_setting(True):
-
-            async def send(seq: int) -> float:
-                async with engine.begin() as conn:
-                    await dispatch(MarkJob(seq), session=conn)
-                return time.perf_counter()
-
-            # Warm-up: the worker has started, connected and run a job before sampling.
-            await send(-1)
-            if await harness.wait_for_mark(marks, -1, timeout=60) is None:
-                raise harness.ChildFailed(f"worker never ran the warm-up job\n{worker.tail()}")
-            await asyncio.sleep(0.5)
-            for seq in range(samples):
-                await asyncio.sleep(rng.uniform(0.01, max_gap))
-                committed = await send(seq)
-                started = await harness.wait_for_mark(marks, seq, timeout=30)
-                if started is None:
-                    raise harness.ChildFailed(f"job {seq} never started\n{worker.tail()}")
-                latencies_ms.append((started - committed) * 1000)
+            return await harness.sample_latency(
+                send, marks, worker, samples=samples, max_gap=max_gap
+            )
     finally:
         await engine.dispose()
         await session.stop(worker, grace=10)
-    return {**harness.latency_summary(latencies_ms), "latencies_ms": latencies_ms}
 
 
 async def worker_rss(session: Session, url: str, backlog: int, timeout: float) -> dict[str, Any]:

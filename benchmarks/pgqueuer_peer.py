@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import signal
 import time
 from typing import Any
@@ -181,27 +180,15 @@ async def latency(session: Session, url: str, samples: int, max_gap: float) -> d
     )
     conn = await harness.connect(url)
     queries = _queries(conn)
-    rng = random.Random(7)
-    latencies_ms: list[float] = []
+
+    async def send(seq: int) -> tuple[float, float]:
+        async with conn.transaction():
+            await queries.enqueue(MARK, str(seq).encode())
+            before_commit = time.perf_counter()
+        return before_commit, time.perf_counter()
+
     try:
-
-        async def send(seq: int) -> float:
-            async with conn.transaction():
-                await queries.enqueue(MARK, str(seq).encode())
-            return time.perf_counter()
-
-        await send(-1)
-        if await harness.wait_for_mark(marks, -1, timeout=60) is None:
-            raise harness.ChildFailed(f"PgQueuer never ran the warm-up job\n{worker.tail()}")
-        await asyncio.sleep(0.5)
-        for seq in range(samples):
-            await asyncio.sleep(rng.uniform(0.01, max_gap))
-            committed = await send(seq)
-            started = await harness.wait_for_mark(marks, seq, timeout=30)
-            if started is None:
-                raise harness.ChildFailed(f"PgQueuer job {seq} never started\n{worker.tail()}")
-            latencies_ms.append((started - committed) * 1000)
+        return await harness.sample_latency(send, marks, worker, samples=samples, max_gap=max_gap)
     finally:
         await conn.close()
         await session.stop(worker, grace=10)
-    return {**harness.latency_summary(latencies_ms), "latencies_ms": latencies_ms}

@@ -9,9 +9,7 @@ write its job's outcome without queueing for one. Its CLI runs on plain asyncio,
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import time
 from typing import Any
 
@@ -145,31 +143,18 @@ async def latency(session: Session, url: str, samples: int, max_gap: float) -> d
         {MARKS_ENV: str(marks)},
     )
     app = make_app(url, 1)
-    rng = random.Random(7)
-    latencies_ms: list[float] = []
     try:
         async with app.open_async():
             task = app.tasks["bench_mark"]
 
-            async def send(seq: int) -> float:
+            async def send(seq: int) -> tuple[float, float]:
+                # defer_async runs its INSERT in a transaction of its own and commits it.
+                before = time.perf_counter()
                 await task.defer_async(seq=seq)
-                return time.perf_counter()
+                return before, time.perf_counter()
 
-            await send(-1)
-            if await harness.wait_for_mark(marks, -1, timeout=60) is None:
-                raise harness.ChildFailed(
-                    f"procrastinate never ran the warm-up job\n{worker.tail()}"
-                )
-            await asyncio.sleep(0.5)
-            for seq in range(samples):
-                await asyncio.sleep(rng.uniform(0.01, max_gap))
-                committed = await send(seq)
-                started = await harness.wait_for_mark(marks, seq, timeout=30)
-                if started is None:
-                    raise harness.ChildFailed(
-                        f"procrastinate job {seq} never started\n{worker.tail()}"
-                    )
-                latencies_ms.append((started - committed) * 1000)
+            return await harness.sample_latency(
+                send, marks, worker, samples=samples, max_gap=max_gap
+            )
     finally:
         await session.stop(worker, grace=10)
-    return {**harness.latency_summary(latencies_ms), "latencies_ms": latencies_ms}

@@ -186,9 +186,10 @@ def render(results: dict[str, Any]) -> str:
                 _num(entry.get("p99_ms"), 2),
                 _num(entry.get("max_ms"), 2),
                 _num(entry.get("samples")),
+                _num(entry.get("commit_p50_ms"), 2),
             ]
         )
-    out += _table(["worker", "p50", "p99", "max", "samples"], latency_rows)
+    out += _table(["worker", "p50", "p99", "max", "samples", "COMMIT p50"], latency_rows)
 
     claim = results.get("claim", {})
     out += ["", "Claim of 100 jobs with our claim statement (client-side ms, incl. commit)"]
