@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .report import render
@@ -68,6 +69,14 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; everything the run started was stopped and dropped", file=sys.stderr)
         return 130
+    except Exception as exc:
+        traceback.print_exc()
+        print(
+            f"benchmark run failed: {type(exc).__name__}: {exc}; everything it started was "
+            "stopped and dropped",
+            file=sys.stderr,
+        )
+        return 1
     except asyncio.CancelledError:
         # SIGTERM cancels the run (see suite.run_async); clean-up has already happened.
         print("terminated; everything the run started was stopped and dropped", file=sys.stderr)

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from . import harness, raw
-from .harness import PYTHON, RssSampler, Session
+from .harness import PYTHON, Session
+from .monitor import RssSampler
 
 __all__ = [
     "DRAIN_BATCH_SIZE",

@@ -79,7 +79,7 @@ DELETE = "DELETE FROM jobs WHERE id = ANY($1::bigint[])"
 
 async def ceiling_child(url: str, jobs: int, connections: int, batch: int) -> dict[str, Any]:
     """Drain the backlog at ``url`` with ``connections`` claim/delete loops."""
-    conns: list[asyncpg.Connection] = [await asyncpg.connect(url) for _ in range(connections)]
+    conns: list[asyncpg.Connection] = [await harness.connect(url) for _ in range(connections)]
     try:
         # Prepare both statements on every connection before the clock starts.
         for conn in conns:

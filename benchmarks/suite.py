@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from . import harness, ours, pgqueuer_peer, procrastinate_peer
+from . import harness, monitor, ours, pgqueuer_peer, procrastinate_peer
 from .checks import evaluate_targets, find_problems
 from .harness import Session
 
@@ -390,11 +390,11 @@ async def run_async(
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
     machine: dict[str, Any] = {}
-    foreign = harness.ForeignLoad(session.own_sessions)
+    foreign = monitor.ForeignLoad(session.own_sessions)
     try:
         await session.sweep_stale()
         server = await harness.server_info(database_url)
-        machine["before"] = await harness.machine_busy()
+        machine["before"] = await monitor.machine_busy()
         busy = machine["before"]["cpu_busy_share"]
         if busy is not None and busy > BUSY_WARNING:
             say(
@@ -409,7 +409,7 @@ async def run_async(
             loop.remove_signal_handler(signal.SIGTERM)
         with contextlib.suppress(Exception):
             machine["during"] = await foreign.stop()
-            machine["after"] = await harness.machine_busy(0.5)
+            machine["after"] = await monitor.machine_busy(0.5)
         # Shielded: a second cancellation must not interrupt the clean-up half way.
         await asyncio.shield(session.close())
         if keep_logs:
