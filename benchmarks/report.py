@@ -1,0 +1,254 @@
+"""The printed report: absolute numbers, ratios, targets and problems as plain text tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["render"]
+
+
+def _num(value: Any, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}{suffix}"
+    return str(value)
+
+
+def _x(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{value * 100:+.1f}%"
+
+
+def _table(headers: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Columns in ``left`` are text (left-aligned); the others are numbers (right-aligned)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for index, row in enumerate([headers, *rows]):
+        cells = [
+            str(cell).ljust(width) if i in left else str(cell).rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  " + "  ".join("-" * width for width in widths))
+    return lines
+
+
+def _rate_row(
+    label: str, entry: dict[str, Any] | None, ratio: Any, note: str | None = None
+) -> list[str]:
+    entry = entry or {}
+    row = [
+        label,
+        _num(entry.get("jobs_per_s")),
+        "" if label == "routemq-outbox" else _x(ratio),
+        _num(entry.get("client_cpu_us_per_job")),
+    ]
+    return row if note is None else [*row, note]
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    sizes = meta["sizes"]
+    server = meta.get("server", {})
+    versions = meta.get("versions", {})
+    ratios = results.get("ratios", {})
+    out: list[str] = []
+
+    mode = "quick" if meta["quick"] else "full"
+    out.append(
+        f"routemq-outbox benchmarks: {mode} run, {sizes['jobs']:,} jobs per enqueue/drain, "
+        f"{meta['wall_seconds']:.0f} s"
+    )
+    out.append(
+        f"PostgreSQL {server.get('version')} "
+        f"(synchronous_commit={server.get('synchronous_commit')}, "
+        f"fsync={server.get('fsync')}, autovacuum={server.get('autovacuum')}, "
+        f"shared_buffers={server.get('shared_buffers')}); "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+    )
+
+    before = meta.get("machine", {}).get("before", {})
+    if before.get("cpu_busy_share") is not None:
+        out.append(
+            f"Machine: {before.get('cpus')} CPUs, {before['cpu_busy_share']:.0%} busy in the "
+            f"second before the run (load average {before.get('loadavg_1min')}); any other load "
+            "makes every number here noisy"
+        )
+    during = meta.get("machine", {}).get("during", {})
+    if during.get("foreign_cpu_seconds") is not None:
+        out.append(
+            f"Other processes used {during['foreign_cpu_seconds']:.0f} CPU-seconds during the run "
+            f"({during['foreign_cpu_share']:.0%} of all CPUs; PostgreSQL work they caused "
+            "not counted)"
+        )
+
+    enqueue = results.get("bulk_enqueue", {})
+    out += ["", f"Bulk enqueue, {sizes['enqueue_chunk']:,} jobs per call/transaction"]
+    out += _table(
+        ["system", "jobs/s", "ours / system", "client CPU us/job"],
+        [
+            _rate_row("routemq-outbox", enqueue.get("routemq"), None),
+            _rate_row(
+                "PgQueuer", enqueue.get("pgqueuer"), ratios.get("enqueue_ours_over_pgqueuer")
+            ),
+            _rate_row(
+                "procrastinate",
+                enqueue.get("procrastinate"),
+                ratios.get("enqueue_ours_over_procrastinate"),
+            ),
+        ],
+    )
+
+    drain = results.get("drain", {})
+    settings = meta.get("settings", {})
+    ours_settings = settings.get("routemq_drain", {})
+    ours_drain = drain.get("routemq", {})
+    pgq = drain.get("pgqueuer", {})
+    pgq_configs = "; ".join(
+        f"{c['instances']}x{c['batch_size']}: {c['jobs_per_s']:,.0f}"
+        for c in pgq.get("configs", [])
+    )
+    out += ["", "Drain of a backlog of no-op jobs"]
+    out += _table(
+        ["system", "jobs/s", "ours / system", "client CPU us/job", "settings"],
+        [
+            _rate_row(
+                "routemq-outbox",
+                ours_drain,
+                None,
+                f"concurrency {ours_settings.get('concurrency')}, "
+                f"batch {ours_settings.get('batch_size')}; "
+                f"{_num(ours_drain.get('jobs_per_claim'))} jobs/claim, "
+                f"{_num(ours_drain.get('jobs_per_delete'))} jobs/delete",
+            ),
+            _rate_row(
+                "PgQueuer",
+                pgq,
+                ratios.get("drain_ours_over_pgqueuer"),
+                f"instances x batch: {pgq_configs}" if pgq_configs else "",
+            ),
+            _rate_row(
+                "procrastinate",
+                drain.get("procrastinate"),
+                ratios.get("drain_ours_over_procrastinate"),
+                f"concurrency {settings.get('procrastinate_drain_concurrency')}",
+            ),
+            _rate_row(
+                "raw SQL ceiling",
+                drain.get("raw_ceiling"),
+                ratios.get("drain_ours_over_raw_ceiling"),
+                f"asyncpg, {sizes['raw_connections']} conns, claim {sizes['raw_batch']} + delete",
+            ),
+        ],
+        left=(0, 4),
+    )
+
+    tps = results.get("dispatch", {}).get("median_tps", {})
+    conns = [str(c) for c in sizes["dispatch_transactions"]]
+    out += [
+        "",
+        "Transactional dispatch: business INSERT + enqueue one job, commit (transactions/s)",
+    ]
+    labels = {
+        "ours_notify": "routemq-outbox, NOTIFY on (default)",
+        "ours_no_notify": "routemq-outbox, NOTIFY off",
+        "raw_insert": "raw SQLAlchemy INSERT (baseline)",
+    }
+    rows = [[label] + [_num(tps.get(c, {}).get(v)) for c in conns] for v, label in labels.items()]
+    for variant in ("ours_notify", "ours_no_notify"):
+        rows.append(
+            [f"extra time vs baseline, {labels[variant].split(', ')[1]}"]
+            + [_pct(ratios.get(f"dispatch_overhead_{variant}_{c}conn")) for c in conns]
+        )
+    out += _table(["variant"] + [f"{c} conn" for c in conns], rows)
+
+    latency = results.get("latency", {})
+    out += ["", "Latency from dispatch commit to handle() start, idle worker (ms)"]
+    latency_rows = []
+    for key, label in (
+        ("routemq_listen", "routemq-outbox, LISTEN/NOTIFY"),
+        ("routemq_poll", "routemq-outbox, polling (--no-listen, sleep 1 s)"),
+        ("pgqueuer_listen", "PgQueuer (LISTEN/NOTIFY)"),
+        ("procrastinate_listen", "procrastinate (LISTEN/NOTIFY)"),
+    ):
+        entry = latency.get(key, {})
+        latency_rows.append(
+            [
+                label,
+                _num(entry.get("p50_ms"), 2),
+                _num(entry.get("p99_ms"), 2),
+                _num(entry.get("max_ms"), 2),
+                _num(entry.get("samples")),
+                _num(entry.get("commit_p50_ms"), 2),
+            ]
+        )
+    out += _table(["worker", "p50", "p99", "max", "samples", "COMMIT p50"], latency_rows)
+
+    claim = results.get("claim", {})
+    out += ["", "Claim of 100 jobs with our claim statement (client-side ms, incl. commit)"]
+    claim_rows = []
+    for backlog in (str(sizes["claim_small"]), str(sizes["claim_large"])):
+        entry = claim.get(backlog, {})
+        claim_rows.append(
+            [
+                f"{int(backlog):,} backlog",
+                _num(entry.get("median_ms"), 2),
+                _num(entry.get("p90_ms"), 2),
+                _num(entry.get("first_ms"), 2),
+                _num(entry.get("plan_execution_ms"), 2),
+                _num(entry.get("uses_claim_index")),
+                _num(entry.get("seq_scan_on_jobs")),
+            ]
+        )
+    out += _table(
+        ["backlog", "median", "p90", "first", "EXPLAIN exec", "ix_jobs_claim", "seq scan"],
+        claim_rows,
+    )
+    out.append(f"  large / small median: {_x(ratios.get('claim_large_over_small'))}")
+
+    rss = results.get("rss", {})
+    out += ["", "Peak RSS of the CLI worker draining a backlog (--stop-when-empty)"]
+    rss_rows = []
+    for backlog in (str(sizes["rss_small"]), str(sizes["rss_large"])):
+        entry = rss.get(backlog, {})
+        rss_rows.append(
+            [
+                f"{int(backlog):,} jobs",
+                _num(entry.get("peak_mib"), 1),
+                _num(entry.get("last_rss_mib"), 1),
+                _num(entry.get("wall_seconds"), 1),
+                _num(entry.get("jobs_per_s_incl_startup")),
+            ]
+        )
+    out += _table(
+        ["backlog", "peak MiB (VmHWM)", "last RSS", "wall s", "jobs/s incl. start-up"],
+        rss_rows,
+    )
+
+    out += ["", "Targets (reported, not asserted)"]
+    target_rows = []
+    for target in results.get("targets", []):
+        holds = target["holds"]
+        verdict = "n/a" if holds is None else ("HOLDS" if holds else "MISSED")
+        value = target["value"]
+        target_rows.append(
+            [
+                target["name"],
+                _num(value, 3) if value is not None else "n/a",
+                target["threshold"],
+                verdict,
+            ]
+        )
+    out += _table(["target", "value", "needs", "verdict"], target_rows, left=(0, 2, 3))
+
+    problems = results.get("problems", [])
+    out += ["", "Problems: " + ("none" if not problems else f"{len(problems)}")]
+    out += [f"  - {problem}" for problem in problems]
+    return "\n".join(out)
