@@ -8,7 +8,6 @@ drive the real worker CLI (``python -m routemq_outbox work``) as a subprocess.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import secrets
@@ -17,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 
 from . import harness, raw
 from .harness import PYTHON, Session
@@ -156,22 +154,9 @@ async def drain_child(
         batch_size=batch_size,
         stop_when_empty=True,
     )
-    # Count the statements the worker sends, by their first words, to tell how many jobs each
-    # claim and each delete carried. A class-level listener reaches the engine the worker
-    # creates for itself; one Python call per statement (a few hundred) costs nothing visible.
-    statements: collections.Counter[str] = collections.Counter()
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements[" ".join(statement.split()[:3])] += 1
-
-    event.listen(sa.engine.Engine, "before_cursor_execute", count)
-    try:
-        with harness.stopwatch() as elapsed:
-            stats = await Worker(settings).run()
-    finally:
-        event.remove(sa.engine.Engine, "before_cursor_execute", count)
-    claims = statements["WITH picked AS"]
-    deletes = statements["DELETE FROM jobs"]
+    with harness.stopwatch() as elapsed:
+        stats = await Worker(settings).run()
+    claims, deletes = stats.claims, stats.deletes
     conn = await harness.connect(url)
     try:
         left = await conn.fetchval("SELECT count(*) FROM jobs")
@@ -190,7 +175,6 @@ async def drain_child(
         "delete_statements": deletes,
         "jobs_per_claim": stats.claimed / claims if claims else None,
         "jobs_per_delete": stats.succeeded / deletes if deletes else None,
-        "statements": dict(statements),
     }
 
 
@@ -269,9 +253,8 @@ async def dispatch_child(
 async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any]:
     """Time our real claim (``routemq_outbox.sql.claim``) of 100 jobs on a ``backlog``.
 
-    The statement is captured as the driver receives it, then run again under EXPLAIN
-    (ANALYZE, BUFFERS) in a transaction that is rolled back, so the plan recorded is the plan
-    of exactly the statement the worker sends.
+    ``sql.explain_claim`` then runs the same statement, as the worker sends it, under EXPLAIN
+    (ANALYZE, BUFFERS) in a transaction that is rolled back.
     """
     from routemq_outbox import sql
     from routemq_outbox.database import create_engine
@@ -280,32 +263,16 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
     with harness.stopwatch() as loading:
         await load_backlog(url, backlog)
     engine = create_engine(url, pool_size=1)
-    captured: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if statement.lstrip().upper().startswith(("WITH", "UPDATE")):
-            captured.append((statement, parameters))
-
     try:
-        async with engine.connect():
-            pass
-        event.listen(engine.sync_engine, "before_cursor_execute", capture)
-        timings_ms: list[float] = []
-        claimed = 0
-        for _ in range(claims):
-            started = time.perf_counter()
-            got = await sql.claim(engine, "default", 100, secrets.randbits(63), 60.0)
-            timings_ms.append((time.perf_counter() - started) * 1000)
-            claimed += len(got)
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
-        statement, parameters = captured[-1]
         async with engine.connect() as conn:
-            transaction = await conn.begin()
-            plan_rows = await conn.exec_driver_sql(
-                "EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters
-            )
-            plan = "\n".join(row[0] for row in plan_rows)
-            await transaction.rollback()
+            timings_ms: list[float] = []
+            claimed = 0
+            for _ in range(claims):
+                started = time.perf_counter()
+                got = await sql.claim(conn, "default", 100, secrets.randbits(63), 60.0)
+                timings_ms.append((time.perf_counter() - started) * 1000)
+                claimed += len(got)
+            plan = await sql.explain_claim(conn, "default", 100)
     finally:
         await engine.dispose()
     execution_ms = _plan_execution_ms(plan)
@@ -318,7 +285,7 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
         "first_ms": timings_ms[0],
         "p90_ms": harness.percentile(timings_ms, 90),
         "timings_ms": timings_ms,
-        "statement": statement,
+        "statement": sql.claim_statement_text(),
         "plan": plan,
         "plan_execution_ms": execution_ms,
         "uses_claim_index": "ix_jobs_claim" in plan,

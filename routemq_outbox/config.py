@@ -156,8 +156,12 @@ def max_payload_bytes(environ: Mapping[str, str] | None = None) -> int:
 
 
 def notify_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether dispatch on PostgreSQL sends NOTIFY so idle workers wake at once."""
-    raw = _env(environ).get(ENV_NOTIFY, "1").strip().lower()
+    """Whether dispatch on PostgreSQL sends NOTIFY so idle workers wake at once.
+
+    Off unless asked for: PostgreSQL serialises the commits of transactions that notify,
+    which costs concurrent producers far more than the insert itself (see the README).
+    """
+    raw = _env(environ).get(ENV_NOTIFY, "0").strip().lower()
     if raw in _TRUE:
         return True
     if raw in _FALSE:

@@ -21,6 +21,7 @@ by primary key, so no two workers' transactions can lock rows in opposite orders
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,9 +53,11 @@ __all__ = [
     "QueueCounts",
     "Taken",
     "claim",
+    "claim_statement_text",
     "clear_queue",
     "counts_by_queue_statement",
     "delete_failed",
+    "explain_claim",
     "extend_leases",
     "failed_by_queue_statement",
     "failed_by_refs",
@@ -95,10 +98,16 @@ def family(dialect_name: str) -> str:
 # --------------------------------------------------------------------------------- dispatch
 
 
-def _available_at(available: Availability) -> sa.ColumnElement[datetime]:
+def _when(available: Availability) -> str:
     if available is None:
+        return "now"
+    return "at" if isinstance(available, datetime) else "delay"
+
+
+def _available_at(when: str) -> sa.ColumnElement[datetime]:
+    if when == "now":
         return db_now()
-    if isinstance(available, datetime):
+    if when == "at":
         return sa.bindparam("available_at", type_=UTCDateTime())
     return db_now_plus(sa.bindparam("delay", type_=sa.Float()))
 
@@ -114,6 +123,39 @@ def _available_params(available: Availability) -> dict[str, Any]:
 def _notify_after(inserted: sa.CTE) -> sa.Select[Any]:
     queues = sa.select(inserted.c.queue).distinct().subquery("queues")
     return sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, queues.c.queue)).select_from(queues)
+
+
+@functools.cache
+def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
+    """The insert for one shape of dispatch, built once: a dispatch in a busy producer must not
+    pay for building (and cache-keying) a new SQLAlchemy construct every time."""
+    available_at = _available_at(when)
+    if kind == "mysql":
+        return _insert_from_json(available_at)
+    if kind == "postgresql" and many:
+        # The payloads travel as text[] and become JSONB in the server: the driver encodes
+        # a text array in C, where a JSONB array costs a Python call per element.
+        source = (
+            sa.func.unnest(
+                sa.bindparam("queues", type_=postgresql.ARRAY(sa.String())),
+                sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
+            )
+            .table_valued("queue", "payload")
+            .render_derived(name="source")
+        )
+        stmt: Any = sa.insert(jobs).from_select(
+            ["queue", "payload", "available_at"],
+            sa.select(source.c.queue, sa.cast(source.c.payload, Payload()), available_at),
+        )
+    else:
+        stmt = sa.insert(jobs).values(
+            queue=sa.bindparam("queue", type_=sa.String()),
+            payload=sa.bindparam("payload", type_=Payload()),
+            available_at=available_at,
+        )
+    if notify:
+        stmt = _notify_after(stmt.returning(jobs.c.queue).cte("inserted"))
+    return stmt
 
 
 def insert_jobs(
@@ -132,49 +174,23 @@ def insert_jobs(
     executemany into one multi-row INSERT only when every value is a plain parameter, and
     ``available_at`` comes from the database clock. SQLite, in-process, gets executemany.
     """
-    available_at = _available_at(available)
+    kind = family(dialect_name)
     extra = _available_params(available)
-    if family(dialect_name) == "mysql":
+    many = len(rows) > 1
+    stmt = _insert_statement(kind, many, _when(available), notify and kind == "postgresql")
+    if kind == "mysql":
         chunks = [{"rows": chunk, **extra} for chunk in _json_chunks(rows)]
-        return _insert_from_json(available_at), chunks[0] if len(chunks) == 1 else chunks
-    if family(dialect_name) == "postgresql":
-        if len(rows) == 1:
-            stmt: Any = sa.insert(jobs).values(
-                queue=sa.bindparam("queue", type_=sa.String()),
-                payload=sa.bindparam("payload", type_=Payload()),
-                available_at=available_at,
-            )
-            params: dict[str, Any] = {"queue": rows[0][0], "payload": rows[0][1], **extra}
-        else:
-            # The payloads travel as text[] and become JSONB in the server: the driver encodes
-            # a text array in C, where a JSONB array costs a Python call per element.
-            source = (
-                sa.func.unnest(
-                    sa.bindparam("queues", type_=postgresql.ARRAY(sa.String())),
-                    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
-                )
-                .table_valued("queue", "payload")
-                .render_derived(name="source")
-            )
-            stmt = sa.insert(jobs).from_select(
-                ["queue", "payload", "available_at"],
-                sa.select(source.c.queue, sa.cast(source.c.payload, Payload()), available_at),
-            )
-            params = {
-                "queues": [queue for queue, _ in rows],
-                "payloads": [payload for _, payload in rows],
-                **extra,
-            }
-        if notify:
-            stmt = _notify_after(stmt.returning(jobs.c.queue).cte("inserted"))
+        return stmt, chunks[0] if len(chunks) == 1 else chunks
+    if kind == "postgresql" and many:
+        params: dict[str, Any] = {
+            "queues": [queue for queue, _ in rows],
+            "payloads": [payload for _, payload in rows],
+            **extra,
+        }
         return stmt, params
-    single = sa.insert(jobs).values(
-        queue=sa.bindparam("queue", type_=sa.String()),
-        payload=sa.bindparam("payload", type_=Payload()),
-        available_at=available_at,
-    )
-    many = [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
-    return single, many[0] if len(many) == 1 else many
+    if not many:
+        return stmt, {"queue": rows[0][0], "payload": rows[0][1], **extra}
+    return stmt, [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
 
 
 # The rows of a MySQL dispatch, as a table: position keeps the order of ids.
@@ -281,11 +297,21 @@ def _reservation(
     cte = picked.with_for_update(skip_locked=True).cte("picked")
     lock = sa.select(*_RETURNED).where(*where).order_by(*order_by).limit(_LIMIT)
     mark = sa.update(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True))).values(values)
+    # ``id = ANY((SELECT array_agg(id) FROM picked))``, not a join with ``picked``: the array is
+    # computed once and the update finds its rows by primary key, whereas a join lets the
+    # planner choose a scan of the whole table when it thinks the table small.
+    picked_ids = sa.cast(
+        sa.select(sa.func.array_agg(cte.c.id)).scalar_subquery(),
+        postgresql.ARRAY(sa.BigInteger()),
+    )
     return {
         "postgresql": _Reservation(
             lock,
             mark,
-            sa.update(jobs).where(jobs.c.id == cte.c.id).values(values).returning(*_RETURNED),
+            sa.update(jobs)
+            .where(jobs.c.id == sa.any_(picked_ids))
+            .values(values)
+            .returning(*_RETURNED),
         ),
         "sqlite": _Reservation(
             lock,
@@ -385,6 +411,29 @@ async def claim(
     """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first."""
     params = {"queue_name": queue, "limit": limit, "new_token": token, "lease": float(lease)}
     return await _reserve(conn, _CLAIM, params, count_attempt=True)
+
+
+def claim_statement_text() -> str:
+    """The claim statement as the worker sends it to PostgreSQL through asyncpg."""
+    return _CLAIM_ASYNCPG.text
+
+
+async def explain_claim(conn: AsyncConnection, queue: str = "default", limit: int = 100) -> str:
+    """PostgreSQL (asyncpg): the plan of the worker's claim statement, exactly as the worker
+    sends it, from ``EXPLAIN (ANALYZE, BUFFERS)`` in a transaction that is rolled back."""
+    driver = await _asyncpg(conn)
+    if driver is None:
+        raise ValueError("explain_claim() needs a PostgreSQL connection through asyncpg")
+    params = {"queue_name": queue, "limit": limit, "new_token": 0, "lease": 0.0}
+    transaction = driver.transaction()
+    await transaction.start()
+    try:
+        rows = await driver.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) " + _CLAIM_ASYNCPG.text, *_CLAIM_ASYNCPG.args(params)
+        )
+    finally:
+        await transaction.rollback()
+    return "\n".join(row[0] for row in rows)
 
 
 async def rescue_expired(

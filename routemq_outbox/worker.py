@@ -123,13 +123,16 @@ class WorkerSettings:
 
 @dataclass
 class WorkerStats:
-    """Counts of what the worker did, by outcome."""
+    """Counts of what the worker did: outcomes, jobs claimed, and the claim and delete
+    statements that carried them."""
 
     succeeded: int = 0
     retried: int = 0
     failed: int = 0
     interrupted: int = 0
     claimed: int = 0
+    claims: int = 0
+    deletes: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -340,6 +343,7 @@ class Worker:
         conn = await self._claim_lane.get()
         for queue in self.settings.queues:
             got = await sql.claim(conn, queue, wanted - claimed, token, self.settings.lease)
+            self.stats.claims += 1
             if got and self._observer is not None:
                 self._observer.claimed(queue, len(got))
             for job in got:
@@ -524,6 +528,7 @@ class Worker:
                 self._done_ready.set()
             try:
                 deleted = await sql.finish(await lane.get(), batch)
+                self.stats.deletes += 1
             except TRANSIENT as exc:
                 await lane.reset()
                 self._done = batch + self._done

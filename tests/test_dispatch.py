@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -430,3 +431,25 @@ def test_dispatch_errors_share_the_base() -> None:
     for error in (InvalidDelay, InvalidQueueName, NotAJob, PayloadTooLarge, UnserializableJob):
         assert issubclass(error, DispatchError)
         assert issubclass(error, OutboxError)
+
+
+async def test_notify_is_opt_in(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Producers send NOTIFY only with ROUTEMQ_OUTBOX_NOTIFY=1 (it serialises their commits)."""
+    import asyncpg
+
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", pg_url)
+    listener = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("routemq_outbox", lambda *args: heard.put_nowait(args[3]))
+    try:
+        await dispatch(notification())
+        await queue.bulk([notification(1), notification(2)], queue="bulk")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(heard.get(), 0.5)
+        monkeypatch.setenv("ROUTEMQ_OUTBOX_NOTIFY", "1")
+        await dispatch(notification())
+        assert await asyncio.wait_for(heard.get(), 5) == "notifications"
+        await queue.bulk([notification(1), notification(2)], queue="bulk")
+        assert await asyncio.wait_for(heard.get(), 5) == "bulk"
+    finally:
+        await listener.close()

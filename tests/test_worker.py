@@ -587,8 +587,9 @@ async def pg_engine(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
 
 
 async def test_notify_wakes_an_idle_worker_and_survives_a_lost_listener(
-    pg_url: str, spawn: SpawnWorker, pg_engine: AsyncEngine
+    pg_url: str, spawn: SpawnWorker, pg_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_NOTIFY", "1")  # producers opt in
     engine = pg_engine
     worker = spawn(pg_url, "--sleep", "60")
     await eventually(engine, LISTENERS, 1, 30)
