@@ -157,8 +157,8 @@ def render(results: dict[str, Any]) -> str:
         "Transactional dispatch: business INSERT + enqueue one job, commit (transactions/s)",
     ]
     labels = {
-        "ours_notify": "routemq-outbox, NOTIFY on (default)",
-        "ours_no_notify": "routemq-outbox, NOTIFY off",
+        "ours_notify": "routemq-outbox, NOTIFY on",
+        "ours_no_notify": "routemq-outbox, NOTIFY off (default)",
         "raw_insert": "raw SQLAlchemy INSERT (baseline)",
     }
     rows = [[label] + [_num(tps.get(c, {}).get(v)) for c in conns] for v, label in labels.items()]

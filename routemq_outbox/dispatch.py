@@ -74,10 +74,14 @@ def _insert(jobs: Iterable[Job], queue: str | None, delay: Delay | None) -> _Ins
     if queue is not None:
         validate_queue_name(queue)
     limit = max_payload_bytes()
+    valid: set[str] = set() if queue is None else {queue}
     rows = []
     for job in jobs:
         payload = encode_payload(job, max_bytes=limit)
-        rows.append((validate_queue_name(queue or job.queue), payload))
+        name = queue or job.queue
+        if not isinstance(name, str) or name not in valid:  # each distinct name once
+            valid.add(validate_queue_name(name))
+        rows.append((name, payload))
     return _Insert(rows, _availability(delay))
 
 

@@ -133,19 +133,23 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
     if kind == "mysql":
         return _insert_from_json(available_at)
     if kind == "postgresql" and many:
-        # The payloads travel as text[] and become JSONB in the server: the driver encodes
-        # a text array in C, where a JSONB array costs a Python call per element.
+        # All the jobs travel as one JSON text, [[queue, payload], ...], that the server parses
+        # once: cheaper on both sides than two arrays, whose driver encoding costs Python calls
+        # per element and whose payloads the server would each cast to JSONB.
         source = (
-            sa.func.unnest(
-                sa.bindparam("queues", type_=postgresql.ARRAY(sa.String())),
-                sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
+            sa.func.jsonb_array_elements(
+                sa.cast(sa.bindparam("items", type_=sa.Text()), postgresql.JSONB())
             )
-            .table_valued("queue", "payload")
+            .table_valued("item", with_ordinality="position")
             .render_derived(name="source")
         )
         stmt: Any = sa.insert(jobs).from_select(
             ["queue", "payload", "available_at"],
-            sa.select(source.c.queue, sa.cast(source.c.payload, Payload()), available_at),
+            sa.select(
+                source.c.item.op("->>", return_type=sa.String())(0),
+                source.c.item.op("->", return_type=Payload())(1),
+                available_at,
+            ).order_by(source.c.position),
         )
     else:
         stmt = sa.insert(jobs).values(
@@ -182,12 +186,9 @@ def insert_jobs(
         chunks = [{"rows": chunk, **extra} for chunk in _json_chunks(rows)]
         return stmt, chunks[0] if len(chunks) == 1 else chunks
     if kind == "postgresql" and many:
-        params: dict[str, Any] = {
-            "queues": [queue for queue, _ in rows],
-            "payloads": [payload for _, payload in rows],
-            **extra,
-        }
-        return stmt, params
+        queues = {queue: json.dumps(queue, ensure_ascii=False) for queue, _ in rows}
+        items = ",".join(f"[{queues[queue]},{payload}]" for queue, payload in rows)
+        return stmt, {"items": f"[{items}]", **extra}
     if not many:
         return stmt, {"queue": rows[0][0], "payload": rows[0][1], **extra}
     return stmt, [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
