@@ -6,9 +6,10 @@ import logging
 import sys
 from typing import Annotated
 
+import sqlalchemy.exc
 import typer
 
-from .config import DEFAULT_CONNECTION, database_url, imports_from_env
+from .config import DEFAULT_CONNECTION, database_url, imports_from_env, redact
 from .errors import OutboxError
 from .migrate import upgrade
 from .worker import WorkerSettings, serve
@@ -117,12 +118,22 @@ def migrate(
     revision: Annotated[str, typer.Option(help="Revision to upgrade to.")] = "head",
 ) -> None:
     """Create or upgrade the jobs and failed_jobs tables."""
+    url = database or database_url()
     try:
-        upgrade(database or database_url(), revision, sql=sql)
+        upgrade(url, revision, sql=sql)
     except OutboxError as exc:
         raise _fail(str(exc)) from None
+    except (sqlalchemy.exc.DBAPIError, OSError) as exc:
+        # Unreachable, refused, unknown host, bad credentials: one line naming the database
+        # (password hidden) instead of a driver traceback.
+        raise _fail(f"cannot migrate {redact(url)}: {_first_line(exc)}", 1) from None
     if not sql:
         typer.echo(f"database schema is at {revision}", err=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _configure_logging(level: int = logging.INFO) -> None:

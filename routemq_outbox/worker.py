@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import sqlalchemy.exc
@@ -88,6 +88,12 @@ class WorkerSettings:
         for name, value, zero_ok in checks:
             if value is not None and (value < 0 or (value == 0 and not zero_ok)):
                 raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: never let a log line or a traceback's locals show it.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["database_url"] = redact(self.database_url)
+        return f"WorkerSettings({', '.join(f'{k}={v!r}' for k, v in values.items())})"
 
     @property
     def heartbeat(self) -> float:
