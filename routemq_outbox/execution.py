@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,7 +17,15 @@ from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, decode_payload, instantiate
 from .sql import Claimed
 
-__all__ = ["Outcome", "Verdict", "describe", "judge_expired", "load", "run"]
+__all__ = [
+    "Outcome",
+    "Verdict",
+    "cancelled_from_outside",
+    "describe",
+    "judge_expired",
+    "load",
+    "run",
+]
 
 
 class Verdict(Enum):
@@ -61,18 +70,33 @@ def describe(exc: BaseException) -> str:
     return head + "\n\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 
+def _capture(handle: Callable[[], object]) -> tuple[object, BaseException | None]:
+    """Call ``handle`` (in a worker thread) and hand back its result or its exception."""
+    try:
+        return handle(), None
+    except BaseException as exc:
+        return None, exc
+
+
 async def _call_handle(job: Job) -> None:
     handle = job.handle
     if inspect.iscoroutinefunction(handle):
         await handle()
         return
-    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop.
-    result = await asyncio.to_thread(handle)
+    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop. Its
+    # exception comes back as a value and is raised here, an ordinary raise that run() sees:
+    # left in the thread's future, a GeneratorExit would be *thrown* into the task's
+    # outermost coroutine (CPython closes the coroutines in between), past run()'s handler.
+    result, error = await asyncio.to_thread(_capture, handle)
+    if error is not None:
+        raise error
     if inspect.isawaitable(result):
         await result
 
 
-def _cancelled_from_outside() -> bool:
+def cancelled_from_outside() -> bool:
+    """Whether the running task is being cancelled (shutdown), as opposed to job code raising
+    a CancelledError of its own."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -116,7 +140,7 @@ async def run(
         error.__cause__ = exc
         return _after_failure(job, claimed, tries, error, started)
     except asyncio.CancelledError as exc:
-        if _cancelled_from_outside():
+        if cancelled_from_outside():
             # The worker is shutting down and its grace period ran out.
             return Outcome(Verdict.INTERRUPTED, job, None, None, time.perf_counter() - started)
         return _after_failure(job, claimed, tries, exc, started)

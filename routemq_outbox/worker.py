@@ -37,7 +37,7 @@ from . import sql
 from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
 from .errors import ConfigurationError
-from .execution import Outcome, Verdict, describe, judge_expired, run
+from .execution import Outcome, Verdict, cancelled_from_outside, describe, judge_expired, run
 from .job import registered_jobs, validate_queue_name
 
 __all__ = ["Worker", "WorkerSettings", "WorkerStats", "import_job_modules", "serve"]
@@ -279,10 +279,18 @@ class Worker:
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
+        claimed = self._running.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("internal error while processing a job", exc_info=task.exception())
+            # Its outcome is unknown: stop renewing its lease rather than hold it for as long
+            # as this worker lives. Once the lease runs out, the rescue retries or fails it.
+            if claimed is not None and self._held.pop(claimed.id, None) is not None:
+                log.warning(
+                    "job id=%d is left to its lease (%g s): it will run again or fail then",
+                    claimed.id,
+                    self.settings.lease,
+                )
 
     async def _process(self, claimed: sql.Claimed) -> None:
         outcome = await run(
@@ -341,7 +349,13 @@ class Worker:
         if outcome.job is not None:
             try:
                 await outcome.job.failed(error)
-            except Exception:
+            except asyncio.CancelledError:
+                if cancelled_from_outside():
+                    raise  # shutdown, not the hook
+                log.exception("failed() of job id=%d raised", claimed.id)
+            except BaseException:
+                # Like handle(): SystemExit or KeyboardInterrupt raised by job code must not
+                # escape into the event loop, which would stop the whole worker.
                 log.exception("failed() of job id=%d raised", claimed.id)
 
     async def _write(self, operation: Callable[[], Awaitable[int | bool]]) -> bool:
