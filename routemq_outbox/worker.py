@@ -146,6 +146,8 @@ class Worker:
         self._held: dict[int, int] = {}  # job id -> token, for every job this worker holds
         self._done: list[tuple[int, int]] = []
         self._done_ready = asyncio.Event()
+        self._deleting: list[tuple[int, int]] = []  # the batch the completer is deleting
+        self._writing: set[int] = set()  # jobs whose retry or failure is being written down
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
 
     # ------------------------------------------------------------------ public
@@ -308,7 +310,13 @@ class Worker:
             _log_job(logging.INFO, claimed, outcome, f"succeeded in {_ms(outcome)}")
         elif verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
-            held = await self._write(lambda: sql.release(self.engine, pair, delay=outcome.delay))
+            self._writing.add(claimed.id)
+            try:
+                held = await self._write(
+                    lambda: sql.release(self.engine, pair, delay=outcome.delay)
+                )
+            finally:
+                self._writing.discard(claimed.id)
             self._held.pop(claimed.id, None)
             if not held:
                 return
@@ -338,7 +346,13 @@ class Worker:
             attempts=claimed.attempts,
             job_id=claimed.id,
         )
-        moved = await self._write(lambda: sql.move_to_failed(self.engine, claimed.token, record))
+        self._writing.add(claimed.id)
+        try:
+            moved = await self._write(
+                lambda: sql.move_to_failed(self.engine, claimed.token, record)
+            )
+        finally:
+            self._writing.discard(claimed.id)
         self._held.pop(claimed.id, None)
         if not moved:
             return
@@ -390,9 +404,11 @@ class Worker:
             batch, self._done = self._done[:_FINISH_BATCH], self._done[_FINISH_BATCH:]
             if self._done:
                 self._done_ready.set()
+            self._deleting = batch
             try:
                 deleted = await sql.finish(self.engine, batch)
             except TRANSIENT as exc:
+                self._deleting = []
                 self._done = batch + self._done
                 if self._closed.is_set():
                     log.warning(
@@ -409,6 +425,7 @@ class Worker:
                 await asyncio.sleep(pause)
                 self._done_ready.set()
                 continue
+            self._deleting = []
             backoff.reset()
             for job_id, _ in batch:
                 self._held.pop(job_id, None)
@@ -480,10 +497,17 @@ class Worker:
             return
         kept = await sql.extend_leases(self.engine, pairs, self.settings.lease)
         if kept < len(pairs):
-            log.warning(
-                "%d held jobs were taken over by other workers (leases had expired)",
-                len(pairs) - kept,
-            )
+            # Jobs whose outcome was written down meanwhile (deleted, released, failed) may
+            # have left before the update reached them; only a shortfall among the others
+            # means that other workers took jobs over.
+            settling = self._writing | {job_id for job_id, _ in (*self._done, *self._deleting)}
+            unsettled = self._held.keys() - settling
+            others = sum(1 for job_id, _ in pairs if job_id in unsettled)
+            if kept < others:
+                log.warning(
+                    "%d held jobs were taken over by other workers (leases had expired)",
+                    others - kept,
+                )
 
     async def _rescue(self) -> None:
         rescued = await sql.rescue_expired(
