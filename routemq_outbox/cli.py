@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
+import sqlalchemy.exc
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import admin
-from .config import DEFAULT_CONNECTION, database_url, imports_from_env
+from .config import DEFAULT_CONNECTION, database_url, imports_from_env, redact
 from .database import create_engine
-from .errors import NotFound, OutboxError
+from .errors import NotFound, OutboxError, brief
 from .logs import configure_logging
 from .migrate import upgrade
 from .worker import WorkerSettings, serve
@@ -470,10 +471,15 @@ def migrate(
     revision: Annotated[str, typer.Option(help="Revision to upgrade to.")] = "head",
 ) -> None:
     """Create or upgrade the jobs and failed_jobs tables."""
+    url = database or database_url()
     try:
-        upgrade(database or database_url(), revision, sql=sql)
+        upgrade(url, revision, sql=sql)
     except OutboxError as exc:
         raise _fail(str(exc)) from None
+    except (sqlalchemy.exc.DBAPIError, OSError) as exc:
+        # Unreachable, refused, unknown host, bad credentials: one line naming the database
+        # (password hidden) instead of a driver traceback.
+        raise _fail(f"cannot migrate {redact(url)}: {brief(exc)}", 1) from None
     if not sql:
         typer.echo(f"database schema is at {revision}", err=True)
 

@@ -86,7 +86,7 @@ def database_url(
 def _parse(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(f"invalid database URL {redact(url)!r}: {exc}") from None
     if parsed.get_backend_name() not in _FAMILY:
         raise ConfigurationError(
@@ -128,17 +128,40 @@ def sync_url(url: str | URL) -> URL:
     return _with_driver(url, asynchronous=False)
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
+# Query parameters that carry secrets: ``?password=…`` is a valid way to give asyncpg and
+# psycopg the password, and ``sslpassword`` unlocks a client key.
+_SECRET_PARAMETER = re.compile(
+    r"([?&][^=&#]*(?:pass|pwd|secret|token)[^=&#]*=)[^&#]*", flags=re.IGNORECASE
+)
+
+
+def _hide_credentials(text: str) -> str:
+    """Hide whatever sits between ``user:`` and the *last* ``@`` of the authority, and the
+    values of secret query parameters.
+
+    The last ``@``, not the first: an unescaped ``@`` in a password makes URL parsers take the
+    rest of the password for the host name, which would otherwise be printed.
+    """
+    at = text.rfind("@")
+    if at != -1:
+        scheme = text.find("://")
+        start = scheme + 3 if 0 <= scheme < at else 0
+        user, colon, _ = text[start:at].partition(":")
+        if colon:
+            text = f"{text[:start]}{user}:***{text[at:]}"
+    return _SECRET_PARAMETER.sub(r"\1***", text)
 
 
 def redact(url: str | URL) -> str:
-    """The URL with its password replaced by ``***``; safe to log or print."""
+    """The URL with its password (and secret query parameters) replaced by ``***``; safe to
+    log or print, even when the URL is malformed."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+        return _hide_credentials(url.render_as_string(hide_password=True))
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return _PASSWORD_IN_URL.sub(r"\1***@", url)
+        text = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        text = url
+    return _hide_credentials(text)
 
 
 def max_payload_bytes(environ: Mapping[str, str] | None = None) -> int:

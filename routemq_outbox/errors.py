@@ -74,7 +74,7 @@ class DispatchError(OutboxError):
 
 
 class InvalidQueueName(DispatchError, ValueError):
-    """Queue names must be non-empty strings of at most 255 characters."""
+    """Queue names must be non-empty strings of at most 255 characters, without NUL."""
 
 
 class InvalidDelay(DispatchError, ValueError):

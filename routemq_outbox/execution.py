@@ -10,6 +10,7 @@ import inspect
 import math
 import time
 import traceback
+from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
@@ -17,7 +18,16 @@ from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, decode_payload, instantiate
 from .sql import Claimed
 
-__all__ = ["Attempt", "Outcome", "Verdict", "describe", "judge_expired", "load", "run"]
+__all__ = [
+    "Attempt",
+    "Outcome",
+    "Verdict",
+    "cancelled_from_outside",
+    "describe",
+    "judge_expired",
+    "load",
+    "run",
+]
 
 
 class Verdict(Enum):
@@ -72,9 +82,22 @@ def _is_async(job: Job) -> bool:
     return is_async
 
 
+def _capture(handle: Callable[[], object]) -> tuple[object, BaseException | None]:
+    """Call ``handle`` (in a worker thread) and hand back its result or its exception."""
+    try:
+        return handle(), None
+    except BaseException as exc:
+        return None, exc
+
+
 async def _in_thread(job: Job) -> None:
-    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop.
-    result = await asyncio.to_thread(job.handle)
+    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop. Its
+    # exception comes back as a value and is raised here, an ordinary raise that run() sees:
+    # left in the thread's future, a GeneratorExit would be *thrown* into the task's
+    # outermost coroutine (CPython closes the coroutines in between), past run()'s handler.
+    result, error = await asyncio.to_thread(_capture, job.handle)
+    if error is not None:
+        raise error
     if inspect.isawaitable(result):
         await result
 
@@ -101,6 +124,13 @@ class Attempt:
         if now >= self.deadline and not self.timed_out and self.task is not None:
             self.timed_out = True
             self.task.cancel()
+
+
+def cancelled_from_outside() -> bool:
+    """Whether the running task is being cancelled (shutdown), as opposed to job code raising
+    a CancelledError of its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _after_failure(

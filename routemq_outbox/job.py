@@ -53,6 +53,14 @@ def validate_queue_name(name: object) -> str:
         raise InvalidQueueName(
             f"queue name is {len(name)} characters long; the limit is {QUEUE_NAME_MAX}"
         )
+    if "\x00" in name:
+        # PostgreSQL text cannot hold NUL: refuse it on every engine rather than fail (or,
+        # for a worker's --queue, retry forever) with a driver error on one of them.
+        raise InvalidQueueName(f"queue name {name!r} contains a NUL character")
+    if name != name.strip():
+        # MySQL and MariaDB compare strings ignoring trailing spaces ("emails " would be the
+        # queue "emails"); a name padded with whitespace is a mistake on any engine.
+        raise InvalidQueueName(f"queue name {name!r} starts or ends with whitespace")
     return name
 
 
@@ -204,8 +212,14 @@ def _data(job: Job) -> dict[str, Any]:
 def _find_unserializable(
     value: Any, path: str, inside: frozenset[int] = frozenset()
 ) -> tuple[str, Any] | None:
-    """The first place inside ``value`` that JSON cannot hold, as (path, value)."""
-    if value is None or isinstance(value, str | bool | int):
+    """The first place inside ``value`` that JSON cannot hold, as (path, value).
+
+    A string holding NUL is JSON, but PostgreSQL's JSONB cannot store it; it is refused on
+    every engine so that a job dispatches the same everywhere.
+    """
+    if isinstance(value, str):
+        return (path, value) if "\x00" in value else None
+    if value is None or isinstance(value, bool | int):
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
@@ -215,7 +229,7 @@ def _find_unserializable(
         inside = inside | {id(value)}
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            if isinstance(value, dict) and not isinstance(key, str):
+            if isinstance(value, dict) and (not isinstance(key, str) or "\x00" in key):
                 return f"{path} key {key!r}", key
             found = _find_unserializable(item, f"{path}[{key!r}]", inside)
             if found:
@@ -244,6 +258,8 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
                     "which cannot be stored as JSON (use str, int, float, bool, None, list, dict)"
                 ) from None
         raise UnserializableJob(f"{type(job).__qualname__}: {exc}") from None  # pragma: no cover
+    if "\\u0000" in text:  # rare: only then look for the NUL, to name where it is
+        _refuse_nul(job, data)
     # UTF-8 takes at most 4 bytes a character: only long texts need encoding to be measured.
     size = len(text) if len(text) * 4 <= max_bytes else len(text.encode())
     if size > max_bytes:
@@ -252,6 +268,22 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
             "(ROUTEMQ_OUTBOX_MAX_PAYLOAD_BYTES). Store large data elsewhere and pass its id"
         )
     return text
+
+
+def _refuse_nul(job: Job, data: dict[str, Any]) -> None:
+    for attribute, value in data.items():
+        if "\x00" in attribute:
+            where = f"attribute name {attribute!r}"
+        else:
+            found = _find_unserializable(value, attribute)
+            if not found:
+                continue
+            path = found[0]
+            where = f"attribute {attribute!r}" + ("" if path == attribute else f" at {path}")
+        raise UnserializableJob(
+            f"{type(job).__qualname__}: {where} holds a NUL character (\\x00), "
+            "which PostgreSQL cannot store"
+        )
 
 
 def decode_payload(text: str | bytes) -> tuple[str, dict[str, Any]]:

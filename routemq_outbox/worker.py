@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import asyncpg
@@ -41,7 +41,15 @@ from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
 from .errors import ConfigurationError
 from .errors import brief as _brief
-from .execution import Attempt, Outcome, Verdict, describe, judge_expired, run
+from .execution import (
+    Attempt,
+    Outcome,
+    Verdict,
+    cancelled_from_outside,
+    describe,
+    judge_expired,
+    run,
+)
 from .job import registered_jobs, validate_queue_name
 
 __all__ = [
@@ -114,6 +122,12 @@ class WorkerSettings:
                 raise ConfigurationError(f"{name} must be > 0, got {value!r}")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise ConfigurationError(f"metrics_port must be 1-65535, got {self.metrics_port!r}")
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: never let a log line or a traceback's locals show it.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["database_url"] = redact(self.database_url)
+        return f"WorkerSettings({', '.join(f'{k}={v!r}' for k, v in values.items())})"
 
     @property
     def heartbeat(self) -> float:
@@ -381,10 +395,18 @@ class Worker:
                 self._succeeded(claimed, outcome)  # the common case, without another await
             else:
                 await self._apply(claimed, outcome)
-        except Exception:
-            # Let the lease run out rather than heartbeat a job nobody will finish.
-            self._held.pop(claimed.id, None)
+        except asyncio.CancelledError:
+            raise  # shutdown: the job stays held, to be released unspent
+        except BaseException:
             log.exception("internal error while processing job id=%d", claimed.id)
+            # Its outcome is unknown: stop renewing its lease rather than hold it for as long
+            # as this worker lives. Once the lease runs out, the rescue retries or fails it.
+            if self._held.pop(claimed.id, None) is not None:
+                log.warning(
+                    "job id=%d is left to its lease (%g s): it will run again or fail then",
+                    claimed.id,
+                    self.settings.lease,
+                )
         finally:
             del self._running[attempt.task]  # type: ignore[arg-type]
             self._slot_freed.set()
@@ -483,7 +505,13 @@ class Worker:
         if outcome.job is not None:
             try:
                 await outcome.job.failed(error)
-            except Exception:
+            except asyncio.CancelledError:
+                if cancelled_from_outside():
+                    raise  # shutdown, not the hook
+                log.exception("failed() of job id=%d raised", claimed.id)
+            except BaseException:
+                # Like handle(): SystemExit or KeyboardInterrupt raised by job code must not
+                # escape into the event loop, which would stop the whole worker.
                 log.exception("failed() of job id=%d raised", claimed.id)
 
     async def _write(self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]) -> bool:
@@ -740,7 +768,7 @@ def _log_job(
 
 def _log_lost(claimed: sql.Claimed, what: str) -> None:
     log.warning(
-        "job id=%d queue=%s: its lease had expired and another worker took it over; "
+        "job id=%d queue=%s: its lease had expired and it was taken over by another worker; "
         "this worker's %s was not recorded",
         claimed.id,
         claimed.queue,

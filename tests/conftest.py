@@ -313,6 +313,32 @@ async def _dispose_shared_engines() -> AsyncIterator[None]:
     database._sync_engines.clear()
 
 
+@pytest.fixture
+async def log_table(engine: AsyncEngine) -> None:
+    """The ``job_log`` table that the jobs of tests/jobs.py write to."""
+    from .jobs import CREATE_LOG
+
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(CREATE_LOG))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start worker processes (``spawn(url, *args, env=None)``); killed after the test."""
+    from .processes import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def spawn_worker(url: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(url, *args, log_dir=tmp_path, env=env)
+        started.append(worker)
+        return worker
+
+    yield spawn_worker
+    for worker in started:
+        worker.kill()
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:

@@ -217,3 +217,141 @@ class FailsUntilFixed(Job):
         await record(self.key, "ran" if fixed else "broken", self.attempt)
         if not fixed:
             raise ConnectionError(f"downstream service for {self.key} is down")
+
+
+# ------------------------------------------------------------------ hostile input, BaseException
+
+
+class Halt(BaseException):
+    """A BaseException of the job's own, outside the Exception hierarchy."""
+
+
+BASE_EXCEPTIONS: dict[str, type[BaseException]] = {
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "SystemExit": SystemExit,
+    "CancelledError": asyncio.CancelledError,
+    "GeneratorExit": GeneratorExit,
+    "Halt": Halt,
+}
+
+
+class RaisesBaseException(Job):
+    """``handle()`` raises the BaseException named by ``kind`` on every attempt."""
+
+    job_name = "tests.raises_base_exception"
+    max_tries = 2
+    retry_after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.kind = "KeyboardInterrupt"
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        raise BASE_EXCEPTIONS[self.kind](f"raised by job {self.key}")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "failed", self.attempt)
+
+
+class SyncRaisesBaseException(RaisesBaseException):
+    """The same from a plain ``def handle``, which runs in a thread."""
+
+    job_name = "tests.sync_raises_base_exception"
+
+    def handle(self) -> None:  # type: ignore[override]
+        raise BASE_EXCEPTIONS[self.kind](f"raised in a thread by job {self.key}")
+
+
+class FailedHookRaises(Job):
+    """Fails at once; then its ``failed()`` hook raises the BaseException named by ``kind``."""
+
+    job_name = "tests.failed_hook_raises"
+    max_tries = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.kind = "SystemExit"
+
+    async def handle(self) -> None:
+        raise ValueError(f"{self.key} fails")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "failed", self.attempt)
+        raise BASE_EXCEPTIONS[self.kind](f"raised by failed() of {self.key}")
+
+
+def _wait_for_file(path: str, limit: float = 120) -> None:
+    """Block the calling thread (with ``time.sleep``) until ``path`` exists."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class BlocksTheLoop(Job):
+    """On attempt 1, ``async def handle`` blocks the event loop with ``time.sleep`` until the
+    file ``release`` exists: nothing else in its worker runs meanwhile, heartbeats included."""
+
+    job_name = "tests.blocks_the_loop"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.release = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "start", self.attempt)
+        if self.attempt == 1:
+            _wait_for_file(self.release)  # the mistake this job exists to make
+        await record(self.key, "end", self.attempt)
+
+
+class BlocksAThread(Job):
+    """The right way to block: a plain ``def handle`` runs in a thread, so the worker's event
+    loop (and its heartbeats) carry on."""
+
+    job_name = "tests.blocks_a_thread"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.release = ""
+
+    def handle(self) -> None:  # type: ignore[override]
+        _log_sync(self.key, "start", self.attempt)
+        _wait_for_file(self.release)
+        _log_sync(self.key, "end", self.attempt)
+
+
+def _log_sync(key: str, event: str, attempt: int) -> None:
+    engine = create_sync_engine(os.environ["ROUTEMQ_OUTBOX_DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(log_table).values(
+                job_key=key, event=event, attempt=attempt, pid=os.getpid(), at=time.time()
+            )
+        )
+    engine.dispose()
+
+
+class AwaitsAPoisonedFuture(Job):
+    """Awaits a future holding GeneratorExit. asyncio throws that into the worker's task at its
+    outermost coroutine, past every handler in between, so the attempt ends with no outcome;
+    the worker then leaves the job to its lease, and the rescue retries and finally fails it."""
+
+    job_name = "tests.awaits_a_poisoned_future"
+    max_tries = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        # Set once the task waits on it: the task's wake-up then *throws* the exception in.
+        loop.call_later(0.01, future.set_exception, GeneratorExit("poisoned future"))
+        await future

@@ -98,7 +98,9 @@ class PrivatePostgres:
     As root (CI), the server runs as the ``postgres`` user, since PostgreSQL refuses root.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *settings: str) -> None:
+        """``settings`` are extra server settings, e.g. ``"max_connections=300"``."""
+        self.settings = settings
         bindir = _postgres_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
@@ -131,6 +133,7 @@ class PrivatePostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._run(
             "pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", options, "-w", "start"
         )

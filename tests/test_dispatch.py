@@ -382,6 +382,8 @@ async def test_unserialisable_attribute_is_named_and_nothing_is_inserted(
         ("", "must not be empty"),
         ("q" * 256, "256 characters long; the limit is 255"),
         (42, "must be a string, got int"),
+        (" padded", "starts or ends with whitespace"),
+        ("emails ", "starts or ends with whitespace"),
     ],
 )
 async def test_bad_queue_names_are_refused(engine: AsyncEngine, name: object, message: str) -> None:

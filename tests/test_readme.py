@@ -237,7 +237,9 @@ def test_python_samples_run_as_printed(index: int, tmp_path: Path, sqlite_url: s
         assert result.stdout.strip() == "waiting: 2"
     if "dispatch_sync(job, session=session)" in code:
         assert result.stdout.strip() == "waiting: 1"
-    if "Worker(WorkerSettings(" in code:
+    if "ChargeOrderJob" in code:
+        assert result.stdout.strip() == "charges: 1"
+    elif "Worker(WorkerSettings(" in code:
         assert result.stdout.strip() == "0 succeeded, 0 failed"
 
 

@@ -32,26 +32,6 @@ async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
         yield exit_stack
 
 
-@pytest.fixture
-async def log_table(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(sa.text(test_jobs.CREATE_LOG))
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[SpawnWorker]:
-    started: list[WorkerProcess] = []
-
-    def spawn_worker(url: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(url, *args, log_dir=tmp_path, env=env)
-        started.append(worker)
-        return worker
-
-    yield spawn_worker
-    for worker in started:
-        worker.kill()
-
-
 async def log_rows(engine: AsyncEngine) -> list[sa.Row[tuple[object, ...]]]:
     async with engine.connect() as conn:
         result = await conn.execute(
