@@ -275,7 +275,8 @@ def render(results: dict[str, Any]) -> str:
                     f"  {int(backlog):,}: SELECT … FOR UPDATE SKIP LOCKED "
                     f"{_access(entry.get('plan_select_access'))}, "
                     f"{_num(entry.get('plan_select_rows_read'))} rows read "
-                    f"({_num(entry.get('plan_select_pages'))} pages), filesort "
+                    f"({_num(entry.get('plan_select_pages'))} pages; undo history "
+                    f"{_num(entry.get('history_list_length'))}), filesort "
                     f"{_num(entry.get('filesort'))}; UPDATE "
                     f"{_access(entry.get('plan_update_access'))}"
                 )
