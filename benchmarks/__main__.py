@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--json PATH] [--database-url URL]``.
+"""``python -m benchmarks [--quick] [--json PATH] [--database-url URL | --backend mariadb]``.
 
 Exits 0 when every measurement produced a sane number (targets may still be missed: they are
 reported, not asserted), 1 when any is missing or impossible, 130 on Ctrl-C, 143 on
@@ -15,16 +15,20 @@ import time
 import traceback
 from pathlib import Path
 
+from .harness import family
 from .report import render
-from .suite import DEFAULT_DATABASE_URL, run_async
+from .suite import DEFAULT_DATABASE_URL, DEFAULT_URLS, run_async
+from .suite import SYSTEMS as SYSTEMS_BY_FAMILY
 
-SYSTEMS = ("routemq", "raw", "pgqueuer", "procrastinate")
+SYSTEMS = SYSTEMS_BY_FAMILY["postgresql"]
+BACKEND_FAMILY = {"postgresql": "postgresql", "mariadb": "mysql"}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark routemq-outbox against PgQueuer, procrastinate and raw SQL.",
+        description="Benchmark routemq-outbox against PgQueuer, procrastinate and raw SQL "
+        "on PostgreSQL, or against raw SQL on MariaDB.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes (2,000 jobs); under 2 minutes"
@@ -32,16 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every number here")
     parser.add_argument(
         "--database-url",
-        default=DEFAULT_DATABASE_URL,
         help="maintenance database of the server to use; throwaway databases are created "
-        f"and dropped beside it (default: {DEFAULT_DATABASE_URL})",
+        "and dropped beside it; postgresql:// or mysql:// (MariaDB) decides the family "
+        f"(default: {DEFAULT_DATABASE_URL}, or {DEFAULT_URLS['mariadb']} with "
+        "--backend mariadb)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKEND_FAMILY),
+        help="the server family, when --database-url is not given (default: postgresql); "
+        "on MariaDB only routemq and raw run",
     )
     parser.add_argument(
         "--only",
         nargs="+",
         choices=SYSTEMS,
-        default=list(SYSTEMS),
-        help="measure only these systems (ratios to the others are then n/a)",
+        help="measure only these systems (ratios to the others are then n/a; "
+        "default: every system the server can run)",
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the child processes' output files"
@@ -49,8 +60,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[str, tuple[str, ...]]:
+    """The server URL and the systems to measure, from --database-url, --backend and --only."""
+    url = args.database_url or DEFAULT_URLS[args.backend or "postgresql"]
+    try:
+        url_family = family(url)
+    except Exception as exc:
+        parser.error(f"--database-url: {exc}")
+    if args.backend and BACKEND_FAMILY[args.backend] != url_family:
+        parser.error(f"--backend {args.backend} does not match the URL {url.split('@')[-1]}")
+    available = SYSTEMS_BY_FAMILY[url_family]
+    if args.only is None:
+        return url, available
+    unsupported = [s for s in args.only if s not in available]
+    if unsupported:
+        parser.error(
+            f"{', '.join(unsupported)} run on PostgreSQL only; on MariaDB choose among "
+            f"{', '.join(available)}"
+        )
+    return url, tuple(s for s in available if s in args.only)
+
+
 def main() -> int:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    database_url, systems = _target(parser, args)
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -60,8 +96,8 @@ def main() -> int:
         results = asyncio.run(
             run_async(
                 quick=args.quick,
-                database_url=args.database_url,
-                systems=tuple(s for s in SYSTEMS if s in args.only),
+                database_url=database_url,
+                systems=systems,
                 progress=progress,
                 keep_logs=args.keep_logs,
             )

@@ -3,6 +3,9 @@
 Targets are reported, never asserted: a run that misses one still succeeds. A run with a
 missing or impossible number (no result, throughput <= 0, p50 > p99, jobs lost) does not:
 ``find_problems`` lists those, and the CLI exits non-zero when the list is not empty.
+
+On MariaDB (``meta.family == "mysql"``) the targets that compare with PostgreSQL's peers, and
+the NOTIFY latency, have no value (n/a); dispatch has one variant of ours, ``ours``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["FLAT_RSS_TOLERANCE", "evaluate_targets", "find_problems"]
+__all__ = ["FLAT_RSS_TOLERANCE", "dispatch_variants", "evaluate_targets", "find_problems"]
 
 # "Flat" RSS: the large backlog may cost at most this much more peak memory than the small one
 # (the larger of 10 MiB and 10 %), i.e. memory does not grow with the backlog.
@@ -37,6 +40,15 @@ def _ratio(top: Any, bottom: Any) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def _family(results: dict[str, Any]) -> str:
+    return str(results["meta"].get("family", "postgresql"))
+
+
+def dispatch_variants(results: dict[str, Any]) -> tuple[str, ...]:
+    """Our dispatch variants (without the baseline) that a run of this family measures."""
+    return ("ours",) if _family(results) == "mysql" else ("ours_notify", "ours_no_notify")
 
 
 def _sizes(results: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -71,9 +83,9 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
         ),
     }
     # Dispatch overhead: extra time per business transaction compared with the raw INSERT
-    # (raw throughput / ours - 1), at each connection count, NOTIFY on and off.
+    # (raw throughput / ours - 1), at each connection count, NOTIFY on and off (PostgreSQL).
     for connections, per_variant in tps.items():
-        for variant in ("ours_notify", "ours_no_notify"):
+        for variant in dispatch_variants(results):
             ratio = _ratio(per_variant.get("raw_insert"), per_variant.get(variant))
             ratios[f"dispatch_overhead_{variant}_{connections}conn"] = (
                 None if ratio is None else ratio - 1
@@ -102,8 +114,14 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
         return None if value is None else value <= bound
 
     # The target is about dispatch "in its default setting": NOTIFY is off unless a producer
-    # sets ROUTEMQ_OUTBOX_NOTIFY=1 (its cost is reported beside it).
-    overhead_8 = ratios.get("dispatch_overhead_ours_no_notify_8conn")
+    # sets ROUTEMQ_OUTBOX_NOTIFY=1 (its cost is reported beside it). MariaDB has no NOTIFY.
+    mysql = _family(results) == "mysql"
+    overhead_8 = ratios.get(f"dispatch_overhead_{'ours' if mysql else 'ours_no_notify'}_8conn")
+    dispatch_name = (
+        "dispatch <= 15% slower than raw INSERT, 8 conns"
+        if mysql
+        else "dispatch (default: NOTIFY off) <= 15% slower than raw INSERT, 8 conns"
+    )
     p50 = _number(_get(results, "latency", "routemq_listen", "p50_ms"))
     targets = [
         target(
@@ -131,13 +149,13 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
             at_least(ratios["enqueue_ours_over_pgqueuer"], 2.5),
         ),
         target(
-            "dispatch (default: NOTIFY off) <= 15% slower than raw INSERT, 8 conns",
+            dispatch_name,
             overhead_8,
             "<= 0.15",
             at_most(overhead_8, 0.15),
         ),
         target("latency p50 <= 10 ms with NOTIFY", p50, "<= 10 ms", at_most(p50, 10.0)),
-        _plan_target(results, (claim_small, claim_large)),
+        _plan_target(results, (claim_small, claim_large), mysql=mysql),
         target(
             f"claim at {claim_large} backlog within 2x of {claim_small}",
             ratios["claim_large_over_small"],
@@ -160,8 +178,11 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
     return ratios, targets
 
 
-def _plan_target(results: dict[str, Any], backlogs: tuple[str, str]) -> dict[str, Any]:
-    """Our claim must find its rows through ix_jobs_claim and never scan the table."""
+def _plan_target(
+    results: dict[str, Any], backlogs: tuple[str, str], *, mysql: bool = False
+) -> dict[str, Any]:
+    """Our claim must find its rows through ix_jobs_claim (ix_jobs_claim_mysql on MariaDB)
+    and never scan the table."""
     verdicts = []
     for backlog in backlogs:
         entry = _get(results, "claim", backlog)
@@ -170,8 +191,9 @@ def _plan_target(results: dict[str, Any], backlogs: tuple[str, str]) -> dict[str
             continue
         verdicts.append(bool(entry.get("uses_claim_index")) and not entry.get("seq_scan_on_jobs"))
     known = [v for v in verdicts if v is not None]
+    index, scan = ("ix_jobs_claim_mysql", "full scan") if mysql else ("ix_jobs_claim", "Seq Scan")
     return {
-        "name": f"claim plan: ix_jobs_claim, no Seq Scan ({' and '.join(backlogs)} backlog)",
+        "name": f"claim plan: {index}, no {scan} ({' and '.join(backlogs)} backlog)",
         "value": sum(1 for v in known if v),
         "threshold": f"{len(backlogs)} of {len(backlogs)} plans",
         "holds": None if len(known) < len(backlogs) else all(known),
@@ -214,7 +236,7 @@ def find_problems(results: dict[str, Any], systems: tuple[str, ...]) -> list[str
     if "routemq" in systems:
         tps = _get(results, "dispatch", "median_tps") or {}
         for connections in results["meta"]["sizes"]["dispatch_transactions"]:
-            for variant in ("ours_notify", "ours_no_notify", "raw_insert"):
+            for variant in (*dispatch_variants(results), "raw_insert"):
                 _positive(
                     problems,
                     f"dispatch {variant} at {connections} conn tps",
@@ -223,7 +245,10 @@ def find_problems(results: dict[str, Any], systems: tuple[str, ...]) -> list[str
 
     latencies = []
     if "routemq" in systems:
-        latencies += ["routemq_listen", "routemq_poll"]
+        mysql = _family(results) == "mysql"
+        latencies += (
+            ["routemq_poll", "routemq_poll_fast"] if mysql else ["routemq_listen", "routemq_poll"]
+        )
     latencies += [f"{s}_listen" for s in ("pgqueuer", "procrastinate") if s in systems]
     for name in latencies:
         entry = _get(results, "latency", name) or {}

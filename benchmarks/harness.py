@@ -34,6 +34,9 @@ __all__ = [
     "Child",
     "ChildFailed",
     "Session",
+    "execute",
+    "family",
+    "fetchval",
     "median",
     "percentile",
     "quote_ident",
@@ -98,6 +101,28 @@ def stopwatch() -> Iterator[Elapsed]:
 
 
 # -------------------------------------------------------------------------------- databases
+#
+# The suite targets one server per run: PostgreSQL (asyncpg, below) or MariaDB/MySQL
+# (asyncmy, in benchmarks.mariadb, imported only when used: it is an optional extra). The
+# family comes from the URL's scheme, as it does for routemq-outbox itself.
+
+FAMILIES = {
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+
+
+def family(url: str) -> str:
+    """``postgresql`` or ``mysql`` (MariaDB included), from the URL's scheme."""
+    backend = make_url(url).get_backend_name()
+    if backend not in FAMILIES:
+        raise ValueError(
+            f"unsupported database URL scheme {backend!r}: the suite runs on PostgreSQL "
+            "(postgresql://) or MariaDB/MySQL (mysql:// or mariadb://)"
+        )
+    return FAMILIES[backend]
 
 
 def quote_ident(name: str) -> str:
@@ -105,12 +130,15 @@ def quote_ident(name: str) -> str:
 
 
 def database_url(maintenance_url: str, name: str) -> str:
-    """The URL of database ``name`` on the server of ``maintenance_url`` (plain libpq form).
+    """The URL of database ``name`` on the server of ``maintenance_url``, driver-less.
 
-    The plain ``postgresql://`` form is what asyncpg and psycopg take; routemq-outbox swaps in
-    its asyncio driver itself.
+    The plain ``postgresql://`` form is what asyncpg and psycopg take, ``mysql://`` (or
+    ``mariadb://``) what the suite's asyncmy helpers take; routemq-outbox swaps in its asyncio
+    driver itself.
     """
-    url = make_url(maintenance_url).set(drivername="postgresql", database=name)
+    url = make_url(maintenance_url)
+    scheme = "postgresql" if family(maintenance_url) == "postgresql" else url.get_backend_name()
+    url = url.set(drivername=scheme, database=name)
     return url.render_as_string(hide_password=False)
 
 
@@ -134,13 +162,47 @@ async def connect(url: str) -> asyncpg.Connection:
             pause = min(pause * 2, 5.0)
 
 
+async def execute(url: str, *statements: str) -> None:
+    """Run ``statements`` in autocommit on either family's server."""
+    if family(url) == "mysql":
+        from . import mariadb
+
+        await mariadb.execute(url, *statements)
+        return
+    conn = await connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def fetchval(url: str, query: str) -> Any:
+    """The first column of the first row of ``query``, on either family's server."""
+    if family(url) == "mysql":
+        from . import mariadb
+
+        return await mariadb.fetchval(url, query)
+    conn = await connect(url)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
 async def reset_tables(url: str, tables: Sequence[str]) -> None:
     """Empty ``tables``, vacuum and analyze them, and checkpoint.
 
     Every measurement starts here: no dead tuples or bloated indexes left by the previous one
     (autovacuum may be off, as it is on the reference machine), fresh planner statistics, and
-    no dirty buffers whose write-out would land inside the next timing.
+    no dirty buffers whose write-out would land inside the next timing. On MariaDB:
+    :func:`benchmarks.mariadb.reset_tables` (TRUNCATE and ANALYZE TABLE; no checkpoint).
     """
+    if family(url) == "mysql":
+        from . import mariadb
+
+        await mariadb.reset_tables(url, tables)
+        return
     conn = await connect(url)
     try:
         if tables:
@@ -154,7 +216,15 @@ async def reset_tables(url: str, tables: Sequence[str]) -> None:
 
 
 async def vacuum_analyze(url: str, tables: Sequence[str]) -> None:
-    """Vacuum and analyze a freshly loaded backlog, so its plan and visibility map are settled."""
+    """Vacuum and analyze a freshly loaded backlog, so its plan and visibility map are settled.
+
+    On MariaDB, ``ANALYZE TABLE`` (there is nothing to vacuum).
+    """
+    if family(url) == "mysql":
+        from . import mariadb
+
+        await mariadb.analyze(url, tables)
+        return
     conn = await connect(url)
     try:
         names = ", ".join(quote_ident(t) for t in tables)
@@ -166,6 +236,10 @@ async def vacuum_analyze(url: str, tables: Sequence[str]) -> None:
 
 async def server_info(url: str) -> dict[str, Any]:
     """The server settings that decide these numbers, recorded with every result."""
+    if family(url) == "mysql":
+        from . import mariadb
+
+        return await mariadb.server_info(url)
     conn = await connect(url)
     try:
         info: dict[str, Any] = {"version": await conn.fetchval("SHOW server_version")}
@@ -238,11 +312,16 @@ def _kill_leftovers() -> None:
         _signal_group(pid, signal.SIGKILL)
 
 
+# The names of the databases the suite creates, for the sweep of those a killed run left.
+STALE_DATABASE = "bench_(routemq|raw|pgqueuer|procrastinate)_[0-9]+"
+
+
 class Session:
     """Owns the suite's scratch directory, throwaway databases and child processes."""
 
     def __init__(self, maintenance_url: str, *, keep_logs: bool = False) -> None:
         self.maintenance_url = maintenance_url
+        self.family = family(maintenance_url)
         self.keep_logs = keep_logs
         self.workdir = Path(tempfile.mkdtemp(prefix="routemq-bench-"))
         self.databases: list[str] = []
@@ -258,6 +337,12 @@ class Session:
     async def create_database(self, system: str) -> str:
         """A new empty database ``bench_<system>_<pid>``; returns its URL."""
         name = f"bench_{system}_{os.getpid()}"
+        if self.family == "mysql":
+            from . import mariadb
+
+            await mariadb.create_database(self.maintenance_url, name)
+            self.databases.append(name)
+            return database_url(self.maintenance_url, name)
         conn = await connect(self.maintenance_url)
         try:
             # A leftover from a killed run with the same pid would make CREATE fail.
@@ -277,12 +362,15 @@ class Session:
         host = make_url(self.maintenance_url).host
         if host not in (None, "", "localhost", "127.0.0.1", "::1"):
             return []
+        if self.family == "mysql":
+            from . import mariadb
+
+            return await mariadb.sweep_stale(self.maintenance_url, STALE_DATABASE)
         conn = await connect(self.maintenance_url)
         dropped = []
         try:
             rows = await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datname ~ "
-                "'^bench_(routemq|raw|pgqueuer|procrastinate)_[0-9]+$'"
+                "SELECT datname FROM pg_database WHERE datname ~ $1", f"^{STALE_DATABASE}$"
             )
             for (name,) in rows:
                 pid = int(name.rsplit("_", 1)[1])
@@ -301,6 +389,11 @@ class Session:
 
     async def drop_databases(self) -> None:
         if not self.databases:
+            return
+        if self.family == "mysql":
+            from . import mariadb
+
+            await mariadb.drop_databases(self.maintenance_url, self.databases)
             return
         conn = await connect(self.maintenance_url)
         try:

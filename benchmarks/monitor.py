@@ -52,16 +52,23 @@ async def machine_busy(seconds: float = 1.0) -> dict[str, Any]:
 
 
 class ForeignLoad:
-    """CPU time used during the run by processes that are neither ours nor PostgreSQL's.
+    """CPU time used during the run by processes that are neither ours nor the server's.
 
-    The suite's numbers assume it has the machine (and PostgreSQL) to itself. Every second this
-    sums the CPU ticks of all other processes (not in the suite's own session or its children's
-    sessions, not named ``postgres``), so a report can say how much else was running. Work that
-    others' clients cause inside PostgreSQL is not counted: this is a lower bound.
+    The suite's numbers assume it has the machine (and the database server) to itself. Every
+    second this sums the CPU ticks of all other processes (not in the suite's own session or its
+    children's sessions, not named like the server: ``postgres``, or ``mariadbd``/``mysqld``
+    on MariaDB), so a report can say how much else was running. Work that others' clients cause
+    inside the server is not counted: this is a lower bound.
     """
 
-    def __init__(self, own_sessions: Callable[[], set[int]], interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        own_sessions: Callable[[], set[int]],
+        server_processes: frozenset[str] = frozenset({"postgres"}),
+        interval: float = 1.0,
+    ) -> None:
         self.own_sessions = own_sessions
+        self.server_processes = server_processes
         self.interval = interval
         self.ticks = 0
         self.started = time.perf_counter()
@@ -86,7 +93,7 @@ class ForeignLoad:
             fields = text[text.rindex(")") + 2 :].split()
             # Fields after the command (0-based): 3 session, 11 utime, 12 stime, 19 starttime.
             # Session 0 is the kernel's own threads (I/O on our behalf, among others).
-            if comm == "postgres" or int(fields[3]) in own or int(fields[3]) == 0:
+            if comm in self.server_processes or int(fields[3]) in own or int(fields[3]) == 0:
                 continue
             usage[int(entry.name)] = (int(fields[11]) + int(fields[12]), int(fields[19]))
         return usage

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import time
@@ -28,6 +29,7 @@ __all__ = [
     "bulk_enqueue_child",
     "claim_cost_child",
     "dispatch_child",
+    "dispatch_variants",
     "drain_child",
     "latency",
     "load_backlog",
@@ -53,11 +55,7 @@ async def setup(session: Session, system: str = "routemq") -> str:
     url = await session.create_database(system)
     # upgrade() runs its own event loop (asyncio.run), so it must not run on this one.
     await asyncio.to_thread(upgrade, url)
-    conn = await harness.connect(url)
-    try:
-        await conn.execute(raw.ORDERS_DDL)
-    finally:
-        await conn.close()
+    await harness.execute(url, raw.orders_ddl(harness.family(url)))
     return url
 
 
@@ -67,7 +65,13 @@ async def load_backlog(url: str, count: int) -> None:
     Used where the backlog is the *setup* of a measurement (claim cost, RSS, raw ceiling):
     generate_series is the fastest way in and leaves nothing of the loader in the client.
     Each row gets its own ``available_at`` in id order, as rows dispatched over time would.
+    On MariaDB: :func:`benchmarks.mariadb.load_backlog` (``seq_1_to_N``, ANALYZE TABLE).
     """
+    if harness.family(url) == "mysql":
+        from . import mariadb
+
+        await mariadb.load_backlog(url, count)
+        return
     conn = await harness.connect(url)
     try:
         await conn.execute(
@@ -157,11 +161,7 @@ async def drain_child(
     with harness.stopwatch() as elapsed:
         stats = await Worker(settings).run()
     claims, deletes = stats.claims, stats.deletes
-    conn = await harness.connect(url)
-    try:
-        left = await conn.fetchval("SELECT count(*) FROM jobs")
-    finally:
-        await conn.close()
+    left = await harness.fetchval(url, "SELECT count(*) FROM jobs")
     return {
         "seconds": elapsed.seconds,
         "cpu_seconds": elapsed.cpu_seconds,
@@ -181,6 +181,12 @@ async def drain_child(
 # --------------------------------------------------------------- transactional dispatch
 
 DISPATCH_VARIANTS = ("ours_notify", "ours_no_notify", "raw_insert")
+# MariaDB has no NOTIFY: one variant of ours (dispatch as it is), and the baseline.
+DISPATCH_VARIANTS_MYSQL = ("ours", "raw_insert")
+
+
+def dispatch_variants(family: str) -> tuple[str, ...]:
+    return DISPATCH_VARIANTS_MYSQL if family == "mysql" else DISPATCH_VARIANTS
 
 
 async def _dispatch_run(url: str, variant: str, transactions: int, connections: int) -> float:
@@ -254,7 +260,8 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
     """Time our real claim (``routemq_outbox.sql.claim``) of 100 jobs on a ``backlog``.
 
     ``sql.explain_claim`` then runs the same statement, as the worker sends it, under EXPLAIN
-    (ANALYZE, BUFFERS) in a transaction that is rolled back.
+    (ANALYZE, BUFFERS) in a transaction that is rolled back. On MariaDB see
+    :func:`_explain_claim_mysql`.
     """
     from routemq_outbox import sql
     from routemq_outbox.database import create_engine
@@ -263,6 +270,7 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
     with harness.stopwatch() as loading:
         await load_backlog(url, backlog)
     engine = create_engine(url, pool_size=1)
+    mysql_facts: dict[str, Any] | None = None
     try:
         async with engine.connect() as conn:
             timings_ms: list[float] = []
@@ -272,9 +280,24 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
                 got = await sql.claim(conn, "default", 100, secrets.randbits(63), 60.0)
                 timings_ms.append((time.perf_counter() - started) * 1000)
                 claimed += len(got)
-            plan = await sql.explain_claim(conn, "default", 100)
+            if harness.family(url) == "mysql":
+                mysql_facts = await _explain_claim_mysql(conn)
+            else:
+                plan = await sql.explain_claim(conn, "default", 100)
     finally:
         await engine.dispose()
+    timing = {
+        "backlog": backlog,
+        "claims": claims,
+        "claimed": claimed,
+        "load_seconds": loading.seconds,
+        "median_ms": harness.median(timings_ms),
+        "first_ms": timings_ms[0],
+        "p90_ms": harness.percentile(timings_ms, 90),
+        "timings_ms": timings_ms,
+    }
+    if mysql_facts is not None:
+        return {**timing, **mysql_facts}
     execution_ms = _plan_execution_ms(plan)
     return {
         "backlog": backlog,
@@ -291,6 +314,81 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
         "uses_claim_index": "ix_jobs_claim" in plan,
         "seq_scan_on_jobs": "Seq Scan on jobs" in plan,
     }
+
+
+async def _explain_claim_mysql(conn: Any) -> dict[str, Any]:
+    """The plans of the claim's two statements, exactly as the driver received them.
+
+    One more real claim runs with a ``before_cursor_execute`` hook that records the statement
+    texts and parameters asyncmy got: the locking ``SELECT … FOR UPDATE SKIP LOCKED`` and the
+    ``UPDATE … WHERE id IN (…)``. Both then run again under MariaDB's ``ANALYZE FORMAT=JSON``
+    (executed, with actual row counts and times; ``EXPLAIN FORMAT=JSON`` on MySQL) in a
+    transaction that is rolled back. ``seq_scan_on_jobs`` means a full scan of ``jobs`` in
+    either plan: access type ``ALL`` (the table) or ``index`` (a whole index).
+    """
+    from sqlalchemy import event
+
+    from routemq_outbox import sql
+
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        captured.append((statement, parameters))
+
+    sync_engine = conn.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", capture)
+    try:
+        await sql.claim(conn, "default", 100, secrets.randbits(63), 60.0)
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", capture)
+    lock = next((c for c in captured if c[0].lstrip().upper().startswith("SELECT")), None)
+    mark = next((c for c in captured if c[0].lstrip().upper().startswith("UPDATE")), None)
+    if lock is None or mark is None:
+        raise RuntimeError(f"the claim sent no SELECT and UPDATE: {captured!r}")
+    prefix = "ANALYZE FORMAT=JSON " if conn.dialect.is_mariadb else "EXPLAIN FORMAT=JSON "
+    plans: dict[str, Any] = {}
+    async with conn.begin() as transaction:
+        # Undo not yet purged: at READ COMMITTED the locking read steps over the delete-marked
+        # index entries of rows claimed (or deleted) before and not purged yet, so the pages
+        # the SELECT reads grow with it (the JSON has both).
+        history = await conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Innodb_history_list_length'")
+        history_row = history.first()
+        for name, (statement, parameters) in (("select", lock), ("update", mark)):
+            result = await conn.exec_driver_sql(prefix + statement, parameters)
+            plans[name] = json.loads(result.scalar_one())
+        await transaction.rollback()
+    select_tables = list(_plan_tables(plans["select"]))
+    update_tables = list(_plan_tables(plans["update"]))
+    jobs_tables = [t for t in select_tables + update_tables if t.get("table_name") == "jobs"]
+    times = [p.get("query_block", {}).get("r_total_time_ms") for p in plans.values()]
+    return {
+        "statement": f"{lock[0].strip()}\n;\n{mark[0].strip()}",
+        "plan": json.dumps(plans, indent=2),
+        "plan_execution_ms": sum(times) if all(t is not None for t in times) else None,
+        "plan_select_access": [(t.get("access_type"), t.get("key")) for t in select_tables],
+        "plan_update_access": [(t.get("access_type"), t.get("key")) for t in update_tables],
+        "plan_select_rows_read": sum(t.get("r_rows", t.get("rows")) or 0 for t in select_tables),
+        "plan_select_pages": sum(
+            t.get("r_engine_stats", {}).get("pages_accessed", 0) for t in select_tables
+        ),
+        "uses_claim_index": any(t.get("key") == "ix_jobs_claim_mysql" for t in select_tables),
+        "update_uses_primary_key": any(t.get("key") == "PRIMARY" for t in update_tables),
+        "filesort": '"filesort"' in json.dumps(plans["select"]),
+        "history_list_length": None if history_row is None else int(history_row[1]),
+        "seq_scan_on_jobs": any(t.get("access_type") in ("ALL", "index") for t in jobs_tables),
+    }
+
+
+def _plan_tables(node: Any) -> Iterator[dict[str, Any]]:
+    """Every table access in a MariaDB/MySQL JSON plan."""
+    if isinstance(node, dict):
+        if "table_name" in node:
+            yield node
+        for value in node.values():
+            yield from _plan_tables(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _plan_tables(value)
 
 
 def _plan_execution_ms(plan: str) -> float | None:
@@ -319,19 +417,24 @@ def cli_args(url: str, *extra: str) -> list[str]:
 
 
 async def latency(
-    session: Session, url: str, *, listen: bool, samples: int, max_gap: float
+    session: Session, url: str, *, listen: bool, samples: int, max_gap: float, sleep: float = 1.0
 ) -> dict[str, Any]:
-    """Commit-to-``handle()`` latency against an idle CLI worker (see sample_latency)."""
+    """Commit-to-``handle()`` latency against an idle CLI worker (see sample_latency).
+
+    ``sleep`` is the worker's poll interval (``--sleep``), which decides the latency when it
+    does not listen (always on MariaDB, which has no NOTIFY).
+    """
     from routemq_outbox import dispatch
     from routemq_outbox.database import create_engine
 
     from .jobs import MARKS_ENV, MarkJob
 
     await harness.reset_tables(url, TABLES)
-    marks = session.marks_path(f"routemq-{'listen' if listen else 'poll'}")
-    flags = ["--concurrency", "10", "--sleep", "1.0"] + ([] if listen else ["--no-listen"])
+    label = "listen" if listen else "poll" if sleep == 1.0 else f"poll-{sleep:g}s"
+    marks = session.marks_path(f"routemq-{label}")
+    flags = ["--concurrency", "10", "--sleep", str(sleep)] + ([] if listen else ["--no-listen"])
     worker = await session.spawn(
-        f"routemq-latency-{'listen' if listen else 'poll'}",
+        f"routemq-latency-{label}",
         cli_args(url, *flags),
         {MARKS_ENV: str(marks)},
     )
@@ -345,9 +448,10 @@ async def latency(
 
     try:
         with notify_setting(True):
-            return await harness.sample_latency(
+            result = await harness.sample_latency(
                 send, marks, worker, samples=samples, max_gap=max_gap
             )
+        return {**result, "sleep_s": sleep, "listen": listen}
     finally:
         await engine.dispose()
         await session.stop(worker, grace=10)
@@ -375,11 +479,7 @@ async def worker_rss(session: Session, url: str, backlog: int, timeout: float) -
     wall = time.perf_counter() - started
     if code != 0:
         raise harness.ChildFailed(f"worker exited with {code}\n{worker.tail()}")
-    conn = await harness.connect(url)
-    try:
-        left = await conn.fetchval("SELECT count(*) FROM jobs")
-    finally:
-        await conn.close()
+    left = await harness.fetchval(url, "SELECT count(*) FROM jobs")
     return {
         **sampler.summary(),
         "backlog": backlog,

@@ -1,4 +1,8 @@
-"""The printed report: absolute numbers, ratios, targets and problems as plain text tables."""
+"""The printed report: absolute numbers, ratios, targets and problems as plain text tables.
+
+A MariaDB run (``meta.family == "mysql"``) prints the same sections with the rows that exist
+there: no peers, one dispatch variant (no NOTIFY), polling latencies, InnoDB plan facts.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +57,13 @@ def _rate_row(
     return row if note is None else [*row, note]
 
 
+def _access(accesses: Any) -> str:
+    """MariaDB plan accesses as ``range on ix_jobs_claim_mysql``."""
+    if not accesses:
+        return "n/a"
+    return ", ".join(f"{kind} on {key}" for kind, key in accesses)
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     sizes = meta["sizes"]
@@ -61,18 +72,32 @@ def render(results: dict[str, Any]) -> str:
     ratios = results.get("ratios", {})
     out: list[str] = []
 
+    mysql = meta.get("family") == "mysql"
+    server_name = "MariaDB" if mysql else "PostgreSQL"
     mode = "quick" if meta["quick"] else "full"
     out.append(
         f"routemq-outbox benchmarks: {mode} run, {sizes['jobs']:,} jobs per enqueue/drain, "
         f"{meta['wall_seconds']:.0f} s"
     )
-    out.append(
-        f"PostgreSQL {server.get('version')} "
-        f"(synchronous_commit={server.get('synchronous_commit')}, "
-        f"fsync={server.get('fsync')}, autovacuum={server.get('autovacuum')}, "
-        f"shared_buffers={server.get('shared_buffers')}); "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
-    )
+    if mysql:
+        pool = server.get("innodb_buffer_pool_size")
+        pool_mib = f"{int(pool) / 2**20:,.0f} MiB" if str(pool).isdigit() else pool
+        out.append(
+            f"MariaDB {server.get('version')} "
+            f"(innodb_flush_log_at_trx_commit={server.get('innodb_flush_log_at_trx_commit')}, "
+            f"log_bin={server.get('log_bin')}, innodb_buffer_pool_size={pool_mib}, "
+            f"server isolation {server.get('tx_isolation') or server.get('transaction_isolation')}"
+            ", routemq-outbox sessions READ COMMITTED); "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+        )
+    else:
+        out.append(
+            f"PostgreSQL {server.get('version')} "
+            f"(synchronous_commit={server.get('synchronous_commit')}, "
+            f"fsync={server.get('fsync')}, autovacuum={server.get('autovacuum')}, "
+            f"shared_buffers={server.get('shared_buffers')}); "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+        )
 
     before = meta.get("machine", {}).get("before", {})
     if before.get("cpu_busy_share") is not None:
@@ -85,16 +110,15 @@ def render(results: dict[str, Any]) -> str:
     if during.get("foreign_cpu_seconds") is not None:
         out.append(
             f"Other processes used {during['foreign_cpu_seconds']:.0f} CPU-seconds during the run "
-            f"({during['foreign_cpu_share']:.0%} of all CPUs; PostgreSQL work they caused "
+            f"({during['foreign_cpu_share']:.0%} of all CPUs; {server_name} work they caused "
             "not counted)"
         )
 
     enqueue = results.get("bulk_enqueue", {})
     out += ["", f"Bulk enqueue, {sizes['enqueue_chunk']:,} jobs per call/transaction"]
-    out += _table(
-        ["system", "jobs/s", "ours / system", "client CPU us/job"],
-        [
-            _rate_row("routemq-outbox", enqueue.get("routemq"), None),
+    enqueue_rows = [_rate_row("routemq-outbox", enqueue.get("routemq"), None)]
+    if not mysql:
+        enqueue_rows += [
             _rate_row(
                 "PgQueuer", enqueue.get("pgqueuer"), ratios.get("enqueue_ours_over_pgqueuer")
             ),
@@ -103,8 +127,10 @@ def render(results: dict[str, Any]) -> str:
                 enqueue.get("procrastinate"),
                 ratios.get("enqueue_ours_over_procrastinate"),
             ),
-        ],
-    )
+        ]
+    out += _table(["system", "jobs/s", "ours / system", "client CPU us/job"], enqueue_rows)
+    if mysql:
+        out.append("  (PgQueuer and procrastinate run on PostgreSQL only)")
 
     drain = results.get("drain", {})
     settings = meta.get("settings", {})
@@ -116,18 +142,27 @@ def render(results: dict[str, Any]) -> str:
         for c in pgq.get("configs", [])
     )
     out += ["", "Drain of a backlog of no-op jobs"]
-    out += _table(
-        ["system", "jobs/s", "ours / system", "client CPU us/job", "settings"],
-        [
-            _rate_row(
-                "routemq-outbox",
-                ours_drain,
-                None,
-                f"concurrency {ours_settings.get('concurrency')}, "
-                f"batch {ours_settings.get('batch_size')}; "
-                f"{_num(ours_drain.get('jobs_per_claim'))} jobs/claim, "
-                f"{_num(ours_drain.get('jobs_per_delete'))} jobs/delete",
-            ),
+    ours_row = _rate_row(
+        "routemq-outbox",
+        ours_drain,
+        None,
+        f"concurrency {ours_settings.get('concurrency')}, "
+        f"batch {ours_settings.get('batch_size')}; "
+        f"{_num(ours_drain.get('jobs_per_claim'))} jobs/claim, "
+        f"{_num(ours_drain.get('jobs_per_delete'))} jobs/delete",
+    )
+    raw_row = _rate_row(
+        "raw SQL ceiling",
+        drain.get("raw_ceiling"),
+        ratios.get("drain_ours_over_raw_ceiling"),
+        f"{'asyncmy' if mysql else 'asyncpg'}, {sizes['raw_connections']} conns, "
+        f"claim {sizes['raw_batch']} + delete",
+    )
+    drain_rows = (
+        [ours_row, raw_row]
+        if mysql
+        else [
+            ours_row,
             _rate_row(
                 "PgQueuer",
                 pgq,
@@ -140,13 +175,12 @@ def render(results: dict[str, Any]) -> str:
                 ratios.get("drain_ours_over_procrastinate"),
                 f"concurrency {settings.get('procrastinate_drain_concurrency')}",
             ),
-            _rate_row(
-                "raw SQL ceiling",
-                drain.get("raw_ceiling"),
-                ratios.get("drain_ours_over_raw_ceiling"),
-                f"asyncpg, {sizes['raw_connections']} conns, claim {sizes['raw_batch']} + delete",
-            ),
-        ],
+            raw_row,
+        ]
+    )
+    out += _table(
+        ["system", "jobs/s", "ours / system", "client CPU us/job", "settings"],
+        drain_rows,
         left=(0, 4),
     )
 
@@ -156,28 +190,46 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Transactional dispatch: business INSERT + enqueue one job, commit (transactions/s)",
     ]
-    labels = {
-        "ours_notify": "routemq-outbox, NOTIFY on",
-        "ours_no_notify": "routemq-outbox, NOTIFY off (default)",
-        "raw_insert": "raw SQLAlchemy INSERT (baseline)",
-    }
+    if mysql:
+        labels = {
+            "ours": "routemq-outbox dispatch(job, session=conn)",
+            "raw_insert": "raw SQLAlchemy INSERT (baseline)",
+        }
+        overheads = {"ours": "extra time vs baseline"}
+    else:
+        labels = {
+            "ours_notify": "routemq-outbox, NOTIFY on",
+            "ours_no_notify": "routemq-outbox, NOTIFY off (default)",
+            "raw_insert": "raw SQLAlchemy INSERT (baseline)",
+        }
+        overheads = {
+            variant: f"extra time vs baseline, {labels[variant].split(', ')[1]}"
+            for variant in ("ours_notify", "ours_no_notify")
+        }
     rows = [[label] + [_num(tps.get(c, {}).get(v)) for c in conns] for v, label in labels.items()]
-    for variant in ("ours_notify", "ours_no_notify"):
+    for variant, label in overheads.items():
         rows.append(
-            [f"extra time vs baseline, {labels[variant].split(', ')[1]}"]
-            + [_pct(ratios.get(f"dispatch_overhead_{variant}_{c}conn")) for c in conns]
+            [label] + [_pct(ratios.get(f"dispatch_overhead_{variant}_{c}conn")) for c in conns]
         )
     out += _table(["variant"] + [f"{c} conn" for c in conns], rows)
 
     latency = results.get("latency", {})
     out += ["", "Latency from dispatch commit to handle() start, idle worker (ms)"]
     latency_rows = []
-    for key, label in (
-        ("routemq_listen", "routemq-outbox, LISTEN/NOTIFY"),
-        ("routemq_poll", "routemq-outbox, polling (--no-listen, sleep 1 s)"),
-        ("pgqueuer_listen", "PgQueuer (LISTEN/NOTIFY)"),
-        ("procrastinate_listen", "procrastinate (LISTEN/NOTIFY)"),
-    ):
+    latency_labels = (
+        (
+            ("routemq_poll", "routemq-outbox, polling (--sleep 1, the default)"),
+            ("routemq_poll_fast", "routemq-outbox, polling (--sleep 0.1)"),
+        )
+        if mysql
+        else (
+            ("routemq_listen", "routemq-outbox, LISTEN/NOTIFY"),
+            ("routemq_poll", "routemq-outbox, polling (--no-listen, sleep 1 s)"),
+            ("pgqueuer_listen", "PgQueuer (LISTEN/NOTIFY)"),
+            ("procrastinate_listen", "procrastinate (LISTEN/NOTIFY)"),
+        )
+    )
+    for key, label in latency_labels:
         entry = latency.get(key, {})
         latency_rows.append(
             [
@@ -190,6 +242,8 @@ def render(results: dict[str, Any]) -> str:
             ]
         )
     out += _table(["worker", "p50", "p99", "max", "samples", "COMMIT p50"], latency_rows)
+    if mysql:
+        out.append("  (MariaDB has no LISTEN/NOTIFY: workers find new jobs by polling)")
 
     claim = results.get("claim", {})
     out += ["", "Claim of 100 jobs with our claim statement (client-side ms, incl. commit)"]
@@ -207,11 +261,25 @@ def render(results: dict[str, Any]) -> str:
                 _num(entry.get("seq_scan_on_jobs")),
             ]
         )
+    index, scan = ("ix_jobs_claim_mysql", "full scan") if mysql else ("ix_jobs_claim", "seq scan")
     out += _table(
-        ["backlog", "median", "p90", "first", "EXPLAIN exec", "ix_jobs_claim", "seq scan"],
+        ["backlog", "median", "p90", "first", "EXPLAIN exec", index, scan],
         claim_rows,
     )
     out.append(f"  large / small median: {_x(ratios.get('claim_large_over_small'))}")
+    if mysql:
+        for backlog in (str(sizes["claim_small"]), str(sizes["claim_large"])):
+            entry = claim.get(backlog, {})
+            if entry:
+                out.append(
+                    f"  {int(backlog):,}: SELECT … FOR UPDATE SKIP LOCKED "
+                    f"{_access(entry.get('plan_select_access'))}, "
+                    f"{_num(entry.get('plan_select_rows_read'))} rows read "
+                    f"({_num(entry.get('plan_select_pages'))} pages; undo history "
+                    f"{_num(entry.get('history_list_length'))}), filesort "
+                    f"{_num(entry.get('filesort'))}; UPDATE "
+                    f"{_access(entry.get('plan_update_access'))}"
+                )
 
     rss = results.get("rss", {})
     out += ["", "Peak RSS of the CLI worker draining a backlog (--stop-when-empty)"]

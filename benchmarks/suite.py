@@ -4,6 +4,11 @@ Each system gets its own fresh database; every measurement starts from emptied, 
 analyzed tables and a checkpoint (see :func:`benchmarks.harness.reset_tables`). A measurement
 that fails is recorded as a problem and the run goes on, so one broken peer does not hide the
 others' numbers; Ctrl-C and SIGTERM stop the run and still clean up.
+
+The server is PostgreSQL or MariaDB (MySQL), told by the URL's scheme. On MariaDB only
+routemq-outbox and the raw ceiling run (the peers are PostgreSQL-only), dispatch has no
+NOTIFY variant, and latency is measured with polling only, at the default ``--sleep`` of 1 s
+and at 0.1 s.
 """
 
 from __future__ import annotations
@@ -26,9 +31,25 @@ from . import harness, monitor, ours, pgqueuer_peer, procrastinate_peer
 from .checks import evaluate_targets, find_problems
 from .harness import Session
 
-__all__ = ["DEFAULT_DATABASE_URL", "FULL", "QUICK", "Sizes", "run_async"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_URLS",
+    "FULL",
+    "QUICK",
+    "SYSTEMS",
+    "Sizes",
+    "run_async",
+]
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MARIADB_DATABASE_URL = "mysql://root@127.0.0.1:3306/test"
+DEFAULT_URLS = {"postgresql": DEFAULT_DATABASE_URL, "mariadb": MARIADB_DATABASE_URL}
+
+# What runs on each family's server: PgQueuer and procrastinate exist on PostgreSQL only.
+SYSTEMS = {
+    "postgresql": ("routemq", "raw", "pgqueuer", "procrastinate"),
+    "mysql": ("routemq", "raw"),
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,10 @@ LISTEN_GAP_S = 0.05
 BUSY_WARNING = 0.15
 POLL_GAP_S = 1.0
 
+# MariaDB has no NOTIFY, so its workers always poll: besides the default --sleep of 1 s the
+# suite measures a tighter poll interval (latency_samples_peers samples: there are no peers).
+FAST_POLL_S = 0.1
+
 
 def _rate(result: dict[str, Any]) -> dict[str, Any]:
     """Add throughput, and the client's own CPU per job and share of the wall time.
@@ -120,6 +145,7 @@ class Run:
 
     def __init__(self, session: Session, sizes: Sizes, progress: Callable[[str], None]) -> None:
         self.session = session
+        self.family = session.family
         self.sizes = sizes
         self.progress = progress
         self.results: dict[str, Any] = {
@@ -181,8 +207,26 @@ class Run:
                     "url": url,
                     "transactions": {str(c): n for c, n in sizes.dispatch_transactions.items()},
                     "rounds": sizes.dispatch_rounds,
-                    "variants": list(ours.DISPATCH_VARIANTS),
+                    "variants": list(ours.dispatch_variants(self.family)),
                 },
+            )
+
+        async def latency_polling_only() -> None:
+            # MariaDB: no NOTIFY, so the default (1 s) and a tighter poll interval.
+            self.results["latency"]["routemq_poll"] = await ours.latency(
+                self.session,
+                url,
+                listen=False,
+                samples=sizes.latency_samples_poll,
+                max_gap=POLL_GAP_S,
+            )
+            self.results["latency"]["routemq_poll_fast"] = await ours.latency(
+                self.session,
+                url,
+                listen=False,
+                samples=sizes.latency_samples_peers,
+                max_gap=FAST_POLL_S,
+                sleep=FAST_POLL_S,
             )
 
         async def latency() -> None:
@@ -216,7 +260,10 @@ class Run:
 
         await self.step("routemq-outbox: bulk enqueue + drain", enqueue_and_drain)
         await self.step("routemq-outbox: transactional dispatch", dispatch)
-        await self.step("routemq-outbox: latency", latency)
+        await self.step(
+            "routemq-outbox: latency",
+            latency_polling_only if self.family == "mysql" else latency,
+        )
         await self.step("routemq-outbox: worker RSS (CLI)", rss)
         await self.step("routemq-outbox: claim cost", claim)
 
@@ -235,7 +282,8 @@ class Run:
                 samples.append(
                     _rate(
                         await self.session.run_child(
-                            "benchmarks.raw:ceiling_child",
+                            "benchmarks.raw:ceiling_child"
+                            + ("_mysql" if self.family == "mysql" else ""),
                             {
                                 "url": url,
                                 "jobs": sizes.jobs,
@@ -339,25 +387,24 @@ class Run:
         await self.step("procrastinate: latency", latency)
 
 
-def _versions() -> dict[str, str]:
+def _versions(family: str = "postgresql") -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in (
-        "routemq-outbox",
-        "pgqueuer",
-        "procrastinate",
-        "sqlalchemy",
-        "asyncpg",
-        "psycopg",
-    ):
+    packages = (
+        ("routemq-outbox", "sqlalchemy", "asyncmy")
+        if family == "mysql"
+        else ("routemq-outbox", "pgqueuer", "procrastinate", "sqlalchemy", "asyncpg", "psycopg")
+    )
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    with contextlib.suppress(ImportError):
-        import psycopg
+    if family != "mysql":  # psycopg plays no part in a MariaDB run
+        with contextlib.suppress(ImportError):
+            import psycopg
 
-        # procrastinate's speed depends on it: "binary" or "c", not the pure-Python "python".
-        versions["psycopg implementation"] = psycopg.pq.__impl__
+            # procrastinate's speed depends on it: "binary" or "c", not pure-Python "python".
+            versions["psycopg implementation"] = psycopg.pq.__impl__
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         versions["routemq-outbox commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -373,11 +420,24 @@ async def run_async(
     *,
     quick: bool = False,
     database_url: str = DEFAULT_DATABASE_URL,
-    systems: tuple[str, ...] = ("routemq", "raw", "pgqueuer", "procrastinate"),
+    systems: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
     keep_logs: bool = False,
 ) -> dict[str, Any]:
-    """Run the suite and return every number, the derived ratios, targets and problems."""
+    """Run the suite and return every number, the derived ratios, targets and problems.
+
+    The server's family (PostgreSQL or MariaDB/MySQL) comes from ``database_url``'s scheme;
+    ``systems`` defaults to every system that family can run (see ``SYSTEMS``).
+    """
+    family = harness.family(database_url)
+    if systems is None:
+        systems = SYSTEMS[family]
+    unsupported = [s for s in systems if s not in SYSTEMS[family]]
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(unsupported)} cannot run on MariaDB/MySQL (PostgreSQL only); "
+            f"choose among {', '.join(SYSTEMS[family])}"
+        )
     sizes = QUICK if quick else FULL
     say = progress or (lambda message: None)
     session = Session(database_url, keep_logs=keep_logs)
@@ -390,7 +450,7 @@ async def run_async(
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
     machine: dict[str, Any] = {}
-    foreign = monitor.ForeignLoad(session.own_sessions)
+    foreign = monitor.ForeignLoad(session.own_sessions, server_processes(family))
     try:
         await session.sweep_stale()
         server = await harness.server_info(database_url)
@@ -414,21 +474,27 @@ async def run_async(
         await asyncio.shield(session.close())
         if keep_logs:
             say(f"child logs kept in {session.workdir}")
+    settings: dict[str, Any] = {
+        "routemq_drain": {
+            "concurrency": ours.DRAIN_CONCURRENCY,
+            "batch_size": ours.DRAIN_BATCH_SIZE,
+        },
+    }
+    if family == "mysql":
+        settings["latency_poll_sleeps_s"] = [1.0, FAST_POLL_S]
+        settings["dispatch_variants"] = list(ours.dispatch_variants(family))
+    else:
+        settings["pgqueuer_drain_configs"] = [list(c) for c in pgqueuer_peer.DRAIN_CONFIGS]
+        settings["procrastinate_drain_concurrency"] = procrastinate_peer.DRAIN_CONCURRENCY
     results: dict[str, Any] = {
         "meta": {
+            "family": family,
             "quick": quick,
             "sizes": asdict(sizes),
             "server": server,
             "machine": machine,
-            "versions": _versions(),
-            "settings": {
-                "routemq_drain": {
-                    "concurrency": ours.DRAIN_CONCURRENCY,
-                    "batch_size": ours.DRAIN_BATCH_SIZE,
-                },
-                "pgqueuer_drain_configs": [list(c) for c in pgqueuer_peer.DRAIN_CONFIGS],
-                "procrastinate_drain_concurrency": procrastinate_peer.DRAIN_CONCURRENCY,
-            },
+            "versions": _versions(family),
+            "settings": settings,
             "systems": list(systems),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "wall_seconds": time.perf_counter() - started,
@@ -438,6 +504,15 @@ async def run_async(
     results["ratios"], results["targets"] = evaluate_targets(results)
     results["problems"] = runner.errors + find_problems(results, systems)
     return _finite(results)
+
+
+def server_processes(family: str) -> frozenset[str]:
+    """Names of the database server's processes: their CPU is not "other load"."""
+    if family == "mysql":
+        from .mariadb import SERVER_PROCESSES
+
+        return SERVER_PROCESSES
+    return frozenset({"postgres"})
 
 
 def _finite(value: Any) -> Any:
