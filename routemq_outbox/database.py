@@ -35,6 +35,7 @@ from .errors import ConfigurationError
 __all__ = ["connection_engine", "connection_sync_engine", "create_engine", "create_sync_engine"]
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
 MYSQL_ISOLATION_LEVEL = "READ COMMITTED"
 MYSQL_POOL_RECYCLE_S = 1800
 
@@ -107,7 +108,10 @@ def create_engine(
         settings = {"application_name": "routemq-outbox" + (" worker" if worker else "")}
         if worker:
             settings["synchronous_commit"] = "off"
-        options["connect_args"] = {"server_settings": settings}
+        # A connection attempt that hangs (a server going down or coming up, a network
+        # partition) fails after this long and is retried, rather than stall a loop for the
+        # driver's default minute.
+        options["connect_args"] = {"server_settings": settings, "timeout": CONNECT_TIMEOUT_S}
     options.update(kwargs)
     try:
         engine = create_async_engine(target, **options)

@@ -620,10 +620,13 @@ async def test_worker_survives_a_postgresql_restart(
     worker = spawn(url, "--concurrency", "4", "--sleep", "0.1", "--lease", "5")
     await eventually(engine, ENDED, 20, 60)
     await asyncio.to_thread(private_postgres.restart)
-    await eventually(
-        engine, "SELECT count(DISTINCT job_key) FROM job_log WHERE event = 'end'", 300, 120
-    )
-    await eventually(engine, "SELECT 300 - count(*) FROM jobs", 300, 60)
+    try:
+        await eventually(
+            engine, "SELECT count(DISTINCT job_key) FROM job_log WHERE event = 'end'", 300, 120
+        )
+        await eventually(engine, "SELECT 300 - count(*) FROM jobs", 300, 60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nworker log:\n{worker.log()[-6000:]}") from None
     worker.signal(signal.SIGTERM)
     assert await wait_exit(worker, 30) == 0, worker.log()
     assert await count(engine, failed_jobs) == 0
