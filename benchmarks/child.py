@@ -22,7 +22,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     )
     coroutine = function(**spec.get("kwargs", {}))
     if spec.get("loop") == "uvloop":
-        # Only for systems whose own worker CLI runs on uvloop (PgQueuer's `pgq run` does).
+        # Only for workers whose own CLI runs on uvloop: PgQueuer's `pgq run` and
+        # `routemq-outbox work` do.
         import uvloop
 
         return uvloop.run(coroutine)

@@ -78,7 +78,7 @@ FULL = Sizes(
     repeats=3,
     enqueue_chunk=1_000,
     dispatch_transactions={1: 1_000, 8: 2_000},
-    dispatch_rounds=3,
+    dispatch_rounds=5,
     latency_samples_listen=200,
     latency_samples_poll=30,
     latency_samples_peers=100,
@@ -193,7 +193,9 @@ class Run:
                 drains.append(
                     _rate(
                         await self.session.run_child(
-                            "benchmarks.ours:drain_child", {"url": url, "jobs": sizes.jobs}
+                            "benchmarks.ours:drain_child",
+                            {"url": url, "jobs": sizes.jobs},
+                            loop="uvloop",  # as `routemq-outbox work` runs
                         )
                     )
                 )

@@ -177,6 +177,13 @@ def work(
         typer.Option(help="Attempts per job, overriding the jobs' own.", show_default=False),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Most jobs claimed per statement.")] = 100,
+    prefetch: Annotated[
+        int | None,
+        typer.Option(
+            help="Jobs claimed ahead to wait for a free slot [default: --concurrency]; 0 for none.",
+            show_default=False,
+        ),
+    ] = None,
     lease: Annotated[float, typer.Option(help="Seconds a claim lasts without a heartbeat.")] = 60.0,
     grace: Annotated[
         float, typer.Option(help="Seconds running jobs get to finish at shutdown.")
@@ -212,6 +219,7 @@ def work(
             queues=tuple(queue or ["default"]),
             concurrency=concurrency,
             batch_size=batch_size,
+            prefetch=prefetch,
             sleep=sleep,
             max_jobs=max_jobs,
             max_time=max_time,

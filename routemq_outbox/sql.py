@@ -186,7 +186,7 @@ def insert_jobs(
         chunks = [{"rows": chunk, **extra} for chunk in _json_chunks(rows)]
         return stmt, chunks[0] if len(chunks) == 1 else chunks
     if kind == "postgresql" and many:
-        queues = {queue: json.dumps(queue, ensure_ascii=False) for queue, _ in rows}
+        queues = {queue: json.dumps(queue, ensure_ascii=False) for queue in {q for q, _ in rows}}
         items = ",".join(f"[{queues[queue]},{payload}]" for queue, payload in rows)
         return stmt, {"items": f"[{items}]", **extra}
     if not many:

@@ -19,6 +19,7 @@ it, so a worker whose lease expired can never change a job another worker now ho
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -28,7 +29,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -86,6 +87,7 @@ class WorkerSettings:
     queues: tuple[str, ...] = ("default",)
     concurrency: int = 10
     batch_size: int = 100
+    prefetch: int | None = None  # None: as many as ``concurrency``
     sleep: float = 1.0
     max_jobs: int | None = None
     max_time: float | None = None
@@ -108,6 +110,7 @@ class WorkerSettings:
         checks: list[tuple[str, float | None, bool]] = [
             ("concurrency", self.concurrency, False),
             ("batch_size", self.batch_size, False),
+            ("prefetch", self.prefetch, True),
             ("sleep", self.sleep, False),
             ("max_jobs", self.max_jobs, False),
             ("max_time", self.max_time, False),
@@ -128,6 +131,11 @@ class WorkerSettings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["database_url"] = redact(self.database_url)
         return f"WorkerSettings({', '.join(f'{k}={v!r}' for k, v in values.items())})"
+
+    @property
+    def buffer(self) -> int:
+        """Claimed jobs that may wait for a free slot: the next claim overlaps running ones."""
+        return self.concurrency if self.prefetch is None else self.prefetch
 
     @property
     def heartbeat(self) -> float:
@@ -239,6 +247,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._running: dict[asyncio.Task[None], Attempt] = {}
+        self._waiting: collections.deque[sql.Claimed] = collections.deque()  # prefetched
+        self._starting = True  # False once stopping: prefetched jobs are released, not run
         self._held: dict[int, int] = {}  # job id -> token, for every job this worker holds
         self._done: list[tuple[int, int]] = []
         self._done_ready = asyncio.Event()
@@ -249,6 +259,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; running jobs get ``grace`` seconds to finish."""
         self._stopping.set()
+        self._starting = False
         self._wake.set()
         self._slot_freed.set()
 
@@ -312,10 +323,13 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     def _budget(self) -> int:
-        free = self.settings.concurrency - len(self._running)
-        if self.settings.max_jobs is not None:
-            free = min(free, self.settings.max_jobs - self.stats.claimed)
-        return min(free, self.settings.batch_size)
+        settings = self.settings
+        if self._waiting and len(self._waiting) > settings.buffer // 2:
+            return 0  # every slot is busy and enough jobs wait: top up later, in one claim
+        free = settings.concurrency + settings.buffer - len(self._running) - len(self._waiting)
+        if settings.max_jobs is not None:
+            free = min(free, settings.max_jobs - self.stats.claimed)
+        return min(free, settings.batch_size)
 
     async def _claim_loop(self) -> None:
         settings = self.settings
@@ -342,7 +356,7 @@ class Worker:
             if claimed == wanted:
                 continue  # there may be more due jobs: claim again as soon as slots allow
             if settings.stop_when_empty and not claimed:
-                if not self._running:
+                if not self._running and not self._waiting:
                     log.info("no due jobs left; stopping (--stop-when-empty)")
                     return
                 self._slot_freed.clear()
@@ -358,10 +372,16 @@ class Worker:
         for queue in self.settings.queues:
             got = await sql.claim(conn, queue, wanted - claimed, token, self.settings.lease)
             self.stats.claims += 1
+            self.stats.claimed += len(got)
             if got and self._observer is not None:
                 self._observer.claimed(queue, len(got))
             for job in got:
-                self._start(job)  # at once: a failure on the next queue must not orphan these
+                # At once: a failure on the next queue must not orphan these.
+                self._held[job.id] = job.token
+                if len(self._running) < self.settings.concurrency:
+                    self._start(job)
+                else:
+                    self._waiting.append(job)
             claimed += len(got)
             if claimed >= wanted:
                 break
@@ -379,8 +399,6 @@ class Worker:
     # ------------------------------------------------------------------ running
 
     def _start(self, claimed: sql.Claimed) -> None:
-        self.stats.claimed += 1
-        self._held[claimed.id] = claimed.token
         attempt = Attempt(claimed)
         attempt.task = task = self._loop.create_task(self._process(attempt))
         self._running[task] = attempt
@@ -409,6 +427,8 @@ class Worker:
                 )
         finally:
             del self._running[attempt.task]  # type: ignore[arg-type]
+            if self._waiting and self._starting:
+                self._start(self._waiting.popleft())
             self._slot_freed.set()
 
     def _succeeded(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
@@ -588,12 +608,24 @@ class Worker:
                 self._done_ready.set()
 
     async def _drain_running(self) -> None:
-        """Give running jobs the grace period, then cancel them."""
+        """Give running jobs the grace period, then cancel them.
+
+        Prefetched jobs still start when the worker ends by itself (``--max-jobs``,
+        ``--stop-when-empty``) and slots free up in time; after :meth:`stop` they do not.
+        """
         if not self._running:
             return
         grace = self.settings.grace
-        log.info("waiting up to %g s for %d running jobs", grace, len(self._running))
-        _, pending = await asyncio.wait(set(self._running), timeout=grace)
+        log.info(
+            "waiting up to %g s for %d running jobs",
+            grace,
+            len(self._running) + self._starting * len(self._waiting),
+        )
+        deadline = time.monotonic() + grace
+        while self._running and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._running), timeout=left)
+        self._starting = False
+        pending = set(self._running)
         for task in pending:
             task.cancel()
         if pending:
@@ -832,8 +864,20 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
         await worker.run()
 
     try:
-        asyncio.run(main())
+        _run_event_loop(main())
     finally:
         if stop_metrics is not None:
             stop_metrics()
     return 0
+
+
+def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the worker on uvloop where it is installed (a dependency except on Windows): its
+    event loop costs a fraction of asyncio's per task and per socket read, which is most of a
+    worker's own overhead on short jobs."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -279,4 +279,27 @@ def test_installed_package_migrates_fresh_databases(tmp_path: Path, empty_pg_url
     heads = run(str(venv / "bin" / "alembic"), "upgrade", "heads", cwd=app)
     assert heads.returncode == 0, heads.stderr
     assert "routemq_outbox_0001" in heads.stderr
+    assert "routemq_outbox_0002" in heads.stderr
     assert {"jobs", "failed_jobs", "alembic_version"} <= tables(f"sqlite:///{app / 'app.db'}")
+
+
+def test_postgresql_jobs_table_gets_churn_autovacuum_settings(empty_pg_url: str) -> None:
+    def options() -> set[str]:
+        engine = create_sync_engine(empty_pg_url)
+        try:
+            with engine.connect() as conn:
+                query = "SELECT reloptions FROM pg_class WHERE relname = 'jobs'"
+                return set(conn.execute(sa.text(query)).scalar_one() or [])
+        finally:
+            engine.dispose()
+
+    upgrade(empty_pg_url)
+    assert options() == {
+        "autovacuum_vacuum_scale_factor=0",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_analyze_scale_factor=0",
+        "autovacuum_analyze_threshold=1000",
+        "autovacuum_vacuum_cost_delay=0",
+    }
+    downgrade(empty_pg_url, "routemq_outbox_0001")
+    assert options() == set()

@@ -532,6 +532,38 @@ async def test_a_second_signal_exits_at_once(
     assert "SIGINT received again: exiting now" in worker.log()
 
 
+async def test_prefetched_jobs_wait_for_a_slot_and_go_back_unspent_at_stop(
+    db_url: str, engine: AsyncEngine, log_table: None
+) -> None:
+    await queue.bulk([sleepy(f"s{i}", 0.5) for i in range(5)])
+    worker = Worker(settings(db_url, concurrency=1, prefetch=2, stop_when_empty=False))
+    running = asyncio.create_task(worker.run())
+    await eventually(engine, STARTED, 1, 30)
+    held = "SELECT count(*) FROM jobs WHERE reserved_at IS NOT NULL"
+    await eventually(engine, held, 3, 10)  # one running, two waiting for its slot
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    assert [(r.job_key, r.event) for r in await log_rows(engine)] == [
+        ("s0", "start"),
+        ("s0", "end"),
+    ]
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(jobs).order_by(jobs.c.id))).all()
+    assert [(r.reserved_at, r.token, r.attempts) for r in rows] == [(None, None, 0)] * 4
+
+
+async def test_prefetched_jobs_still_run_when_the_worker_ends_by_itself(
+    db_url: str, engine: AsyncEngine, log_table: None
+) -> None:
+    await queue.bulk([record(f"k{i}") for i in range(6)])
+    worker = await drain(db_url, concurrency=1, prefetch=3, max_jobs=4, stop_when_empty=False)
+    assert [r.job_key for r in await log_rows(engine)] == ["k0", "k1", "k2", "k3"]
+    assert worker.stats.succeeded == 4
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(jobs).order_by(jobs.c.id))).all()
+    assert [(r.reserved_at, r.attempts) for r in rows] == [(None, 0), (None, 0)]
+
+
 async def test_the_start_line_shows_the_settings_and_hides_the_password(
     pg_url: str, spawn: SpawnWorker
 ) -> None:
