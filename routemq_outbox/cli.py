@@ -180,7 +180,7 @@ def work(
     prefetch: Annotated[
         int | None,
         typer.Option(
-            help="Jobs claimed ahead to wait for a free slot [default: --concurrency]; 0 for none.",
+            help="Jobs claimed ahead to wait for a free slot (default: --concurrency; 0: none).",
             show_default=False,
         ),
     ] = None,
