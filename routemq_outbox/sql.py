@@ -152,10 +152,15 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
             ).order_by(source.c.position),
         )
     else:
-        stmt = sa.insert(jobs).values(
-            queue=sa.bindparam("queue", type_=sa.String()),
-            payload=sa.bindparam("payload", type_=Payload()),
-            available_at=available_at,
+        # inline(): no implicit RETURNING of the new id, which nobody reads.
+        stmt = (
+            sa.insert(jobs)
+            .values(
+                queue=sa.bindparam("queue", type_=sa.String()),
+                payload=sa.bindparam("payload", type_=Payload()),
+                available_at=available_at,
+            )
+            .inline()
         )
     if notify:
         stmt = _notify_after(stmt.returning(jobs.c.queue).cte("inserted"))
