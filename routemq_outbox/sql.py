@@ -66,6 +66,7 @@ __all__ = [
     "finish",
     "flush_failed",
     "insert_jobs",
+    "jobs_statement",
     "known_queues",
     "move_to_failed",
     "newest_failed_id",
@@ -243,6 +244,12 @@ def size_statement(queue: str) -> sa.Select[Any]:
         .select_from(jobs)
         .where(jobs.c.queue == queue, jobs.c.reserved_at.is_(None))
     )
+
+
+def jobs_statement(queue: str | None) -> sa.Select[Any]:
+    """Every row of ``jobs`` (of one queue, or all), in dispatch order: (queue, payload text)."""
+    stmt = sa.select(jobs.c.queue, sa.cast(jobs.c.payload, sa.Text())).order_by(jobs.c.id)
+    return stmt if queue is None else stmt.where(jobs.c.queue == queue)
 
 
 # ----------------------------------------------------------------------------------- worker
