@@ -1,6 +1,6 @@
 """The ``routemq-outbox`` command. Each command parses, builds settings, calls one function.
 
-The worker is :func:`routemq_outbox.worker.serve`, the schema :mod:`routemq_outbox.migrate`,
+The worker is :func:`routemq_outbox.process.serve`, the schema :mod:`routemq_outbox.migrate`,
 and everything an operator does to the queue :mod:`routemq_outbox.admin`; this module only
 turns their results into text (or JSON) and exit codes: 0 done, 1 not done (unknown ids or
 queues, an unhealthy or unreachable database, a declined confirmation), 2 bad usage or
@@ -25,7 +25,8 @@ from .database import create_engine
 from .errors import NotFound, OutboxError, brief
 from .logs import configure_logging
 from .migrate import upgrade
-from .worker import WorkerSettings, serve
+from .process import serve
+from .worker import WorkerSettings
 
 T = TypeVar("T")
 

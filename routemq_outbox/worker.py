@@ -2,9 +2,10 @@
 
 One :class:`Worker` runs a few cooperating loops on one event loop:
 
-- the **claim loop** reserves due jobs (never more than free slots or the ``max_jobs`` budget)
-  and starts a task per job; it sleeps ``sleep`` seconds when nothing is due, or until a
-  PostgreSQL NOTIFY says a job was dispatched;
+- the **claim loop** reserves due jobs (never more than its free slots and ``prefetch``
+  buffer, nor the ``max_jobs`` budget) and starts a task per job as slots free; it sleeps
+  ``sleep`` seconds when nothing is due, or until a PostgreSQL NOTIFY says a job was
+  dispatched;
 - the **completer** deletes finished jobs in batches, guarded by their reservation tokens;
 - **maintenance** extends the leases of held jobs (heartbeats) and takes over jobs whose
   worker stopped heartbeating, returning them to pending or failing them;
@@ -21,15 +22,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import importlib
 import logging
-import os
 import secrets
-import signal
-import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -51,15 +48,13 @@ from .execution import (
     judge_expired,
     run,
 )
-from .job import registered_jobs, validate_queue_name
+from .job import validate_queue_name
 
 __all__ = [
     "Worker",
     "WorkerObserver",
     "WorkerSettings",
     "WorkerStats",
-    "import_job_modules",
-    "serve",
 ]
 
 log = logging.getLogger("routemq_outbox.worker")
@@ -73,6 +68,9 @@ TRANSIENT = (
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
+    # Raised straight from asyncpg when a connection breaks mid-operation (seen when the
+    # server shuts down); through SQLAlchemy it arrives as a DBAPIError.
+    asyncpg.InternalClientError,
 )
 _BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
@@ -253,6 +251,7 @@ class Worker:
         self._done: list[tuple[int, int]] = []
         self._done_ready = asyncio.Event()
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
+        self._crash: BaseException | None = None  # why a helper loop died, if one did
 
     # ------------------------------------------------------------------ public
 
@@ -275,7 +274,11 @@ class Worker:
         return self._engine
 
     async def run(self) -> WorkerStats:
-        """Work until stopped (or a stop condition holds); returns what was done."""
+        """Work until stopped (or a stop condition holds); returns what was done.
+
+        If one of its helper loops fails in a way it cannot retry, the worker stops as on
+        :meth:`stop` and ``run()`` then raises that error.
+        """
         settings = self.settings
         self._loop = asyncio.get_running_loop()
         listening = settings.listen and self.engine.dialect.name == "postgresql"
@@ -288,6 +291,8 @@ class Worker:
         ]
         if listening:
             helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
+        for helper in helpers:
+            helper.add_done_callback(self._helper_ended)
         watchers = []
         if self._observer is not None:
             watch = self._observer.watch(self)
@@ -311,6 +316,8 @@ class Worker:
             await self._release_unfinished()
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
+        if self._crash is not None:
+            raise self._crash
         log.info(
             "worker stopped: %d succeeded, %d retried, %d failed, %d released unfinished",
             self.stats.succeeded,
@@ -319,6 +326,18 @@ class Worker:
             self.stats.interrupted,
         )
         return self.stats
+
+    def _helper_ended(self, task: asyncio.Task[None]) -> None:
+        """A helper loop that dies takes the worker down (gracefully), never silently."""
+        if task.cancelled() or task.exception() is None or self._crash is not None:
+            return
+        self._crash = task.exception()
+        log.critical(
+            "%s stopped on an unexpected error; stopping the worker",
+            task.get_name(),
+            exc_info=self._crash,
+        )
+        self.stop()
 
     # ------------------------------------------------------------------ claiming
 
@@ -346,10 +365,10 @@ class Worker:
             self._wake.clear()
             try:
                 claimed = await self._claim(wanted)
-            except TRANSIENT as exc:
+            except Exception as exc:
                 await self._claim_lane.reset()
                 pause = backoff.next()
-                log.warning("claiming failed (%s); retrying in %.1f s", _brief(exc), pause)
+                _log_retry("claiming", exc, pause)
                 await self._pause(pause)
                 continue
             backoff.reset()
@@ -541,7 +560,7 @@ class Worker:
             try:
                 async with self.engine.connect() as conn:
                     return bool(await operation(conn))
-            except TRANSIENT as exc:
+            except Exception as exc:
                 if self._closed.is_set():
                     log.warning(
                         "could not record a job's outcome (%s); its lease will expire "
@@ -550,7 +569,7 @@ class Worker:
                     )
                     return False
                 pause = backoff.next()
-                log.warning("database write failed (%s); retrying in %.1f s", _brief(exc), pause)
+                _log_retry("database write", exc, pause)
                 await asyncio.sleep(pause)
 
     async def _completer(self) -> None:
@@ -577,7 +596,7 @@ class Worker:
             try:
                 deleted = await sql.finish(await lane.get(), batch)
                 self.stats.deletes += 1
-            except TRANSIENT as exc:
+            except Exception as exc:
                 await lane.reset()
                 self._done = batch + self._done
                 if self._closed.is_set():
@@ -589,9 +608,7 @@ class Worker:
                     )
                     return
                 pause = backoff.next()
-                log.warning(
-                    "deleting finished jobs failed (%s); retrying in %.1f s", _brief(exc), pause
-                )
+                _log_retry("deleting finished jobs", exc, pause)
                 await asyncio.sleep(pause)
                 self._done_ready.set()
                 continue
@@ -640,7 +657,7 @@ class Worker:
         try:
             async with self.engine.connect() as conn:
                 released = await sql.release(conn, pairs, delay=None, refund_attempt=True)
-        except TRANSIENT as exc:
+        except Exception as exc:
             log.warning(
                 "could not release %d unfinished jobs (%s); they run again after "
                 "their lease expires",
@@ -667,9 +684,9 @@ class Worker:
                     await self._rescue()
                 backoff.reset()
                 pause = self.settings.heartbeat
-            except TRANSIENT as exc:
+            except Exception as exc:
                 pause = min(backoff.next(), self.settings.heartbeat)
-                log.warning("lease maintenance failed (%s); retrying in %.1f s", _brief(exc), pause)
+                _log_retry("lease maintenance", exc, pause)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), pause)
 
@@ -723,6 +740,8 @@ class Worker:
                             await conn.invalidate()
             except TRANSIENT as exc:
                 log.debug("listener error: %s", _brief(exc))
+            except Exception:
+                log.exception("the LISTEN connection failed unexpectedly")
             if self._stopping.is_set():
                 return
             pause = backoff.next()
@@ -798,6 +817,17 @@ def _log_job(
     )
 
 
+def _log_retry(what: str, exc: Exception, pause: float) -> None:
+    """A database step that failed and will be retried. Anything but the database being away
+    gets its traceback, and is retried all the same: a loop that died on it would leave its
+    jobs held and heartbeated, but never finished, for as long as the worker lives."""
+    if isinstance(exc, TRANSIENT):
+        log.warning("%s failed (%s); retrying in %.1f s", what, _brief(exc), pause)
+    else:
+        message = "%s failed unexpectedly (%s); retrying in %.1f s"
+        log.error(message, what, _brief(exc), pause, exc_info=exc)
+
+
 def _log_lost(claimed: sql.Claimed, what: str) -> None:
     log.warning(
         "job id=%d queue=%s: its lease had expired and it was taken over by another worker; "
@@ -810,74 +840,3 @@ def _log_lost(claimed: sql.Claimed, what: str) -> None:
 
 def _ms(outcome: Outcome) -> float:
     return outcome.duration * 1000
-
-
-def import_job_modules(modules: Sequence[str]) -> None:
-    """Import the modules that define Job classes (the only way a job name becomes known)."""
-    if os.getcwd() not in sys.path:
-        # Like `python -m`: let `--import app.jobs` find the project the worker runs in.
-        sys.path.insert(0, os.getcwd())
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigurationError(f"cannot import job module {module!r}: {exc}") from exc
-
-
-def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
-    """Run a worker until it stops; the first SIGTERM/SIGINT stops it gracefully, a second
-    one exits at once. With ``settings.metrics_port``, serve Prometheus metrics meanwhile.
-    Returns the process exit code."""
-    import_job_modules(imports)
-    if not registered_jobs():
-        log.warning("no Job classes are imported: every job will fail as unknown (use --import)")
-    observer: WorkerObserver | None = None
-    stop_metrics: Callable[[], None] | None = None
-    if settings.metrics_port is not None:
-        from .metrics import WorkerMetrics, serve_metrics
-
-        metrics = WorkerMetrics(settings.queues, interval=settings.metrics_interval)
-        stop_metrics = serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
-        observer = metrics
-
-    async def main() -> None:
-        worker = Worker(settings, observer=observer)
-        loop = asyncio.get_running_loop()
-        received: list[signal.Signals] = []
-
-        def on_signal(signum: signal.Signals) -> None:
-            received.append(signum)
-            if len(received) == 1:
-                log.info(
-                    "%s received: stopping; running jobs have %g s to finish "
-                    "(send it again to exit at once)",
-                    signum.name,
-                    settings.grace,
-                )
-                worker.stop()
-            else:
-                log.warning("%s received again: exiting now", signum.name)
-                os._exit(128 + signum)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-        await worker.run()
-
-    try:
-        _run_event_loop(main())
-    finally:
-        if stop_metrics is not None:
-            stop_metrics()
-    return 0
-
-
-def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run the worker on uvloop where it is installed (a dependency except on Windows): its
-    event loop costs a fraction of asyncio's per task and per socket read, which is most of a
-    worker's own overhead on short jobs."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)

@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routemq_outbox import Worker, WorkerSettings, dispatch, queue
+from routemq_outbox import execution as execution_module
+from routemq_outbox import worker as worker_module
 from routemq_outbox.database import create_engine
 from routemq_outbox.schema import db_now, failed_jobs, jobs
 from routemq_outbox.sql import FailedRecord, claim, finish, move_to_failed, release, rescue_expired
@@ -564,6 +566,56 @@ async def test_prefetched_jobs_still_run_when_the_worker_ends_by_itself(
     assert [(r.reserved_at, r.attempts) for r in rows] == [(None, 0), (None, 0)]
 
 
+async def test_an_unexpected_error_while_deleting_is_logged_and_retried(
+    db_url: str,
+    engine: AsyncEngine,
+    log_table: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await queue.bulk([record(f"k{i}") for i in range(5)])
+    calls = 0
+
+    async def finish_breaking_once(conn: object, pairs: list[tuple[int, int]]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # e.g. a driver left in a bad state by a lost connection
+            raise RuntimeError("driver in a bad state")
+        return await finish(conn, pairs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module.sql, "finish", finish_breaking_once)
+    worker = Worker(settings(db_url, stop_when_empty=False))
+    running = asyncio.create_task(worker.run())
+    await eventually(engine, "SELECT 5 - count(*) FROM jobs", 5, 30)  # deleted after all
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    assert len(await log_rows(engine)) == 5
+    assert "deleting finished jobs failed unexpectedly (RuntimeError: driver in a bad state)" in (
+        caplog.text
+    )
+
+
+async def test_a_helper_loop_that_dies_stops_the_worker_and_raises(
+    db_url: str,
+    engine: AsyncEngine,
+    log_table: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await dispatch(sleepy("watched", 0.5))
+
+    def broken_expire(self: object, now: float) -> None:
+        raise RuntimeError("watchdog bug")
+
+    monkeypatch.setattr(execution_module.Attempt, "expire", broken_expire)
+    worker = Worker(settings(db_url, stop_when_empty=False))
+    with pytest.raises(RuntimeError, match="watchdog bug"):
+        await asyncio.wait_for(worker.run(), 30)
+    assert "routemq-outbox watchdog stopped on an unexpected error" in caplog.text
+    assert [r.event for r in await log_rows(engine)] == ["start", "end"]  # finished first
+    assert await count(engine, jobs) == 0
+
+
 async def test_the_start_line_shows_the_settings_and_hides_the_password(
     pg_url: str, spawn: SpawnWorker
 ) -> None:
@@ -658,7 +710,22 @@ async def test_worker_survives_a_postgresql_restart(
         )
         await eventually(engine, "SELECT 300 - count(*) FROM jobs", 300, 60)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nworker log:\n{worker.log()[-6000:]}") from None
+        async with engine.connect() as conn:
+            left = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT id, attempts, reserved_at IS NOT NULL AS held, token, "
+                        "lease_expires_at - now() AS lease_left, available_at - now() AS due_in "
+                        "FROM jobs ORDER BY id"
+                    )
+                )
+            ).all()
+        notable = [line for line in worker.log().splitlines() if " INFO " not in line]
+        raise AssertionError(
+            f"{exc}\njobs left: {left}\nworker warnings:\n"
+            + "\n".join(notable[-80:])
+            + f"\nworker log:\n{worker.log()[-3000:]}"
+        ) from None
     worker.signal(signal.SIGTERM)
     assert await wait_exit(worker, 30) == 0, worker.log()
     assert await count(engine, failed_jobs) == 0

@@ -1,0 +1,89 @@
+"""The worker process behind ``routemq-outbox work``: one :class:`.Worker` with what a process
+around it needs: the job modules imported, signals, the metrics server, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from .errors import ConfigurationError
+from .job import registered_jobs
+from .worker import Worker, WorkerObserver, WorkerSettings, log
+
+__all__ = ["import_job_modules", "serve"]
+
+
+def import_job_modules(modules: Sequence[str]) -> None:
+    """Import the modules that define Job classes (the only way a job name becomes known)."""
+    if os.getcwd() not in sys.path:
+        # Like `python -m`: let `--import app.jobs` find the project the worker runs in.
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import job module {module!r}: {exc}") from exc
+
+
+def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
+    """Run a worker until it stops; the first SIGTERM/SIGINT stops it gracefully, a second
+    one exits at once. With ``settings.metrics_port``, serve Prometheus metrics meanwhile.
+    Returns the process exit code."""
+    import_job_modules(imports)
+    if not registered_jobs():
+        log.warning("no Job classes are imported: every job will fail as unknown (use --import)")
+    observer: WorkerObserver | None = None
+    stop_metrics: Callable[[], None] | None = None
+    if settings.metrics_port is not None:
+        from .metrics import WorkerMetrics, serve_metrics
+
+        metrics = WorkerMetrics(settings.queues, interval=settings.metrics_interval)
+        stop_metrics = serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
+        observer = metrics
+
+    async def main() -> None:
+        worker = Worker(settings, observer=observer)
+        loop = asyncio.get_running_loop()
+        received: list[signal.Signals] = []
+
+        def on_signal(signum: signal.Signals) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                log.info(
+                    "%s received: stopping; running jobs have %g s to finish "
+                    "(send it again to exit at once)",
+                    signum.name,
+                    settings.grace,
+                )
+                worker.stop()
+            else:
+                log.warning("%s received again: exiting now", signum.name)
+                os._exit(128 + signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await worker.run()
+
+    try:
+        _run_event_loop(main())
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+    return 0
+
+
+def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the worker on uvloop where it is installed (a dependency except on Windows): its
+    event loop costs a fraction of asyncio's per task and per socket read, which is most of a
+    worker's own overhead on short jobs."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
