@@ -241,16 +241,20 @@ async def dispatch_child(
 ) -> dict[str, Any]:
     """All dispatch variants at each connection count, interleaved over ``rounds`` rounds.
 
-    Interleaving (ours, ours without NOTIFY, raw, ours, ...) spreads slow drifts of the machine
-    (WAL recycling, page cache) over every variant instead of charging them to one.
-    ``transactions`` maps a connection count (as a string, from JSON) to transactions per run.
+    Interleaving (ours, ours without NOTIFY, raw, then raw, ours, ours without NOTIFY, ...)
+    spreads slow drifts of the machine (WAL recycling, page cache) over every variant instead
+    of charging them to one, and the order rotates each round so that no variant always runs
+    first or last. ``transactions`` maps a connection count (as a string, from JSON) to
+    transactions per run.
     """
     runs: dict[str, dict[str, list[float]]] = {
         str(c): {v: [] for v in variants} for c in transactions
     }
-    for _ in range(rounds):
+    for round_number in range(rounds):
+        shift = round_number % len(variants)
+        order = [*variants[shift:], *variants[:shift]]
         for connections, count in transactions.items():
-            for variant in variants:
+            for variant in order:
                 await harness.reset_tables(url, TABLES)
                 rate = await _dispatch_run(url, variant, count, int(connections))
                 runs[str(connections)][variant].append(rate)
