@@ -208,6 +208,9 @@ class WorkerMetrics:
         except TRANSIENT as exc:
             log.warning("could not refresh the queue depth metrics (%s)", brief(exc))
             return
+        except Exception:  # the gauges keep their last values; the next round tries again
+            log.exception("could not refresh the queue depth metrics")
+            return
         for row in counts:
             for state in STATES:
                 self.depth.labels(row.queue, state).set(getattr(row, state))

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routemq_outbox import FailJob, Job, Worker, WorkerSettings, queue
+from routemq_outbox import metrics as metrics_module
 from routemq_outbox.database import create_engine
 from routemq_outbox.metrics import WorkerMetrics
 from routemq_outbox.sql import claim
@@ -111,6 +112,28 @@ async def test_a_worker_counts_what_it_does(db_url: str, engine: AsyncEngine) ->
     assert get("routemq_outbox_queue_jobs", queue="default", state="delayed") == 1
     assert get("routemq_outbox_queue_jobs", queue="other", state="failed") == 2
     assert get("routemq_outbox_queue_oldest_due_age_seconds", queue="other") == 0
+
+
+async def test_a_failed_depth_refresh_keeps_the_gauges_and_the_worker_going(
+    db_url: str,
+    engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await queue.push(counted("succeed"))
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(("default",), registry=registry, interval=60)
+    await metrics.refresh(engine)
+    labels = {"queue": "default", "state": "pending"}
+    assert registry.get_sample_value("routemq_outbox_queue_jobs", labels) == 1
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(metrics_module.sql, "queue_counts", broken)
+    await metrics.refresh(engine)  # must not raise: the observer task would die with it
+    assert "could not refresh the queue depth metrics" in caplog.text
+    assert registry.get_sample_value("routemq_outbox_queue_jobs", labels) == 1
 
 
 async def test_a_rescued_job_counts_as_retried_without_a_duration(
