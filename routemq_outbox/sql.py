@@ -392,15 +392,16 @@ async def _asyncpg(conn: AsyncConnection) -> Any | None:
 async def _reserve(
     conn: AsyncConnection,
     statements: dict[str, _Reservation],
+    compiled: _Compiled,
     params: dict[str, Any],
     *,
     count_attempt: bool,
 ) -> list[Claimed]:
+    """Run a reservation: ``compiled`` (its PostgreSQL form) on asyncpg, else ``statements``."""
     token = params["new_token"]
     kind = family(conn.dialect.name)
     driver = await _asyncpg(conn)
     if driver is not None:
-        compiled = _CLAIM_ASYNCPG if statements is _CLAIM else _RESCUE_ASYNCPG
         rows = await driver.fetch(compiled.text, *compiled.args(params))
         return [Claimed(r[0], r[1], r[2], r[3], token) for r in rows]
     async with conn.begin():
@@ -423,7 +424,7 @@ async def claim(
 ) -> list[Claimed]:
     """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first."""
     params = {"queue_name": queue, "limit": limit, "new_token": token, "lease": float(lease)}
-    return await _reserve(conn, _CLAIM, params, count_attempt=True)
+    return await _reserve(conn, _CLAIM, _CLAIM_ASYNCPG, params, count_attempt=True)
 
 
 def claim_statement_text() -> str:
@@ -457,7 +458,7 @@ async def rescue_expired(
     The caller decides, job by job, to put each back to pending or to fail it.
     """
     params = {"limit": limit, "new_token": token, "lease": float(lease)}
-    return await _reserve(conn, _RESCUE, params, count_attempt=False)
+    return await _reserve(conn, _RESCUE, _RESCUE_ASYNCPG, params, count_attempt=False)
 
 
 def _held(dialect_name: str, pairs: Sequence[tuple[int, int]]) -> sa.ColumnElement[bool]:

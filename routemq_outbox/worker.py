@@ -429,7 +429,7 @@ class Worker:
                 attempt, time_limit=self.settings.timeout, max_tries=self.settings.max_tries
             )
             if outcome.verdict is Verdict.DONE:
-                self._succeeded(claimed, outcome)  # the common case, without another await
+                self._succeeded(claimed, outcome)  # the common case, without an await
             else:
                 await self._apply(claimed, outcome)
         except asyncio.CancelledError:
@@ -450,12 +450,12 @@ class Worker:
                 self._start(self._waiting.popleft())
             self._slot_freed.set()
 
-    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
+    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome) -> None:
         self.stats.succeeded += 1
         self._done.append((claimed.id, claimed.token))
         self._done_ready.set()
         if self._observer is not None:
-            self._observer.recorded(claimed, outcome, ran=ran)
+            self._observer.recorded(claimed, outcome, ran=True)
         _log_job(logging.INFO, claimed, outcome, "succeeded", "succeeded in %.1f ms", _ms(outcome))
 
     async def _watchdog(self) -> None:
@@ -467,11 +467,10 @@ class Worker:
                 attempt.expire(now)
 
     async def _apply(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
-        """Write down the outcome of one attempt (or of a rescued job, which did not run)."""
+        """Write down an outcome other than success, of one attempt (or of a rescued job, which
+        did not run); successes go through :meth:`_succeeded`, without an await."""
         verdict = outcome.verdict
-        if verdict is Verdict.DONE:
-            self._succeeded(claimed, outcome, ran=ran)
-        elif verdict is Verdict.RETRY:
+        if verdict is Verdict.RETRY:
             pair = [(claimed.id, claimed.token)]
             held = await self._write(lambda conn: sql.release(conn, pair, delay=outcome.delay))
             self._held.pop(claimed.id, None)
