@@ -258,6 +258,9 @@ async def test_chaos(
         await check(engine, driver.kills, report)
         # Only killed workers lose jobs: a live one never logs that its job was taken over.
         assert report.leases_lost == 0, "a live worker lost a lease"
+        # The faults really happened: workers died with jobs in hand, and the server restarted.
+        assert report.kills_mid_job > 0, "no worker was killed while running a job"
+        assert report.restarts == 1, "PostgreSQL was not restarted"
     finally:
         await engine.dispose()
         with capsys.disabled():

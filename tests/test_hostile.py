@@ -28,7 +28,7 @@ from routemq_outbox.job import instantiate
 from routemq_outbox.schema import failed_jobs, jobs
 
 from . import jobs as test_jobs
-from .processes import SpawnWorker
+from .processes import SpawnWorker, wait_until
 from .test_worker import count, eventually, failed_rows, log_rows, record, wait_exit
 
 # ----------------------------------------------------------------------------- code by name
@@ -319,6 +319,8 @@ async def test_a_blocking_def_handle_keeps_its_lease(
     first = spawn(db_url, "--lease", "3", "--sleep", "0.1")
     await eventually(engine, "SELECT count(*) FROM job_log WHERE event = 'start'", 1, 60)
     second = spawn(db_url, "--lease", "3", "--sleep", "0.1")
+    # A rival that is up and polling, ready to take over a lease that runs out.
+    await asyncio.to_thread(wait_until, lambda: "worker started:" in second.log(), 60, "rival")
     # Three leases' worth of blocking: heartbeats go on from the event loop meanwhile.
     await asyncio.sleep(9)
     release.touch()

@@ -7,8 +7,6 @@ import secrets
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +22,7 @@ from routemq_outbox.sql import claim
 
 from . import jobs as test_jobs
 from .conftest import free_port
-from .processes import SpawnWorker, WorkerProcess
+from .processes import SpawnWorker
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -133,6 +131,7 @@ async def test_a_failed_depth_refresh_keeps_the_gauges_and_the_worker_going(
     monkeypatch.setattr(metrics_module.sql, "queue_counts", broken)
     await metrics.refresh(engine)  # must not raise: the observer task would die with it
     assert "could not refresh the queue depth metrics" in caplog.text
+    assert any(r.exc_info for r in caplog.records if "could not refresh" in r.getMessage())
     assert registry.get_sample_value("routemq_outbox_queue_jobs", labels) == 1
 
 
@@ -159,20 +158,6 @@ async def test_a_rescued_job_counts_as_retried_without_a_duration(
 
 
 # ----------------------------------------------------------------------------- a real worker
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[SpawnWorker]:
-    started: list[WorkerProcess] = []
-
-    def spawn_worker(url: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(url, *args, log_dir=tmp_path, env=env)
-        started.append(worker)
-        return worker
-
-    yield spawn_worker
-    for worker in started:
-        worker.kill()
 
 
 def scrape(port: int) -> Samples:

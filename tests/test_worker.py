@@ -555,10 +555,19 @@ async def test_prefetched_jobs_wait_for_a_slot_and_go_back_unspent_at_stop(
 
 
 async def test_prefetched_jobs_still_run_when_the_worker_ends_by_itself(
-    db_url: str, engine: AsyncEngine, log_table: None
+    db_url: str, engine: AsyncEngine, log_table: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await queue.bulk([record(f"k{i}") for i in range(6)])
+    sizes: list[int] = []
+
+    async def counting_claim(*args: object) -> list[object]:
+        got = await claim(*args)  # type: ignore[arg-type]
+        sizes.append(len(got))
+        return got  # type: ignore[return-value]
+
+    monkeypatch.setattr(worker_module.sql, "claim", counting_claim)
     worker = await drain(db_url, concurrency=1, prefetch=3, max_jobs=4, stop_when_empty=False)
+    assert max(sizes) > 1, sizes  # jobs were claimed beyond the one free slot
     assert [r.job_key for r in await log_rows(engine)] == ["k0", "k1", "k2", "k3"]
     assert worker.stats.succeeded == 4
     async with engine.connect() as conn:
@@ -741,6 +750,13 @@ async def test_the_asyncpg_fast_path_and_sqlalchemy_agree(
     await queue.bulk([record(f"k{i}") for i in range(6)])
     fast = create_engine(pg_url)
     slow = create_engine(pg_url.replace("+asyncpg", "+psycopg"))
+    seen: dict[str, list[str]] = {"fast": [], "slow": []}
+    for name, engine in (("fast", fast), ("slow", slow)):
+        sa.event.listen(
+            engine.sync_engine,
+            "before_cursor_execute",
+            lambda *args, name=name: seen[name].append(args[2]),
+        )
     async with fast.connect() as a, slow.connect() as b:
         assert a.dialect.driver == "asyncpg"
         assert b.dialect.driver == "psycopg"
@@ -755,5 +771,9 @@ async def test_the_asyncpg_fast_path_and_sqlalchemy_agree(
         assert await finish(b, [(c.id, 99) for c in first]) == 0
         assert await finish(a, [(c.id, c.token) for c in first]) == 3
         assert await finish(b, [(c.id, c.token) for c in second]) == 3
+    # The asyncpg path bypasses SQLAlchemy's execution entirely; psycopg's goes through it.
+    assert not any("UPDATE jobs" in s or "DELETE FROM jobs" in s for s in seen["fast"])
+    assert any("UPDATE jobs" in s for s in seen["slow"])
+    assert any("DELETE FROM jobs" in s for s in seen["slow"])
     await fast.dispose()
     await slow.dispose()
