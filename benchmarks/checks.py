@@ -107,11 +107,13 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
     ) -> dict[str, Any]:
         return {"name": name, "value": value, "threshold": threshold, "holds": holds}
 
-    def at_least(value: float | None, bound: float) -> bool | None:
-        return None if value is None else value >= bound
+    def at_least(name: str, value: float | None, bound: float) -> dict[str, Any]:
+        holds = None if value is None else value >= bound
+        return target(name, value, f">= {bound:g}", holds)
 
-    def at_most(value: float | None, bound: float) -> bool | None:
-        return None if value is None else value <= bound
+    def at_most(name: str, value: float | None, bound: float, unit: str = "") -> dict[str, Any]:
+        holds = None if value is None else value <= bound
+        return target(name, value, f"<= {bound:g}{unit}", holds)
 
     # The target is about dispatch "in its default setting": NOTIFY is off unless a producer
     # sets ROUTEMQ_OUTBOX_NOTIFY=1 (its cost is reported beside it). MariaDB has no NOTIFY.
@@ -124,43 +126,17 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
     )
     p50 = _number(_get(results, "latency", "routemq_listen", "p50_ms"))
     targets = [
-        target(
-            "drain >= 2.5x PgQueuer",
-            ratios["drain_ours_over_pgqueuer"],
-            ">= 2.5",
-            at_least(ratios["drain_ours_over_pgqueuer"], 2.5),
-        ),
-        target(
-            "drain >= 30x procrastinate",
-            ratios["drain_ours_over_procrastinate"],
-            ">= 30",
-            at_least(ratios["drain_ours_over_procrastinate"], 30),
-        ),
-        target(
-            "drain >= 50% of raw ceiling",
-            ratios["drain_ours_over_raw_ceiling"],
-            ">= 0.5",
-            at_least(ratios["drain_ours_over_raw_ceiling"], 0.5),
-        ),
-        target(
-            "bulk enqueue >= 2.5x PgQueuer",
-            ratios["enqueue_ours_over_pgqueuer"],
-            ">= 2.5",
-            at_least(ratios["enqueue_ours_over_pgqueuer"], 2.5),
-        ),
-        target(
-            dispatch_name,
-            overhead_8,
-            "<= 0.15",
-            at_most(overhead_8, 0.15),
-        ),
-        target("latency p50 <= 10 ms with NOTIFY", p50, "<= 10 ms", at_most(p50, 10.0)),
+        at_least("drain >= 2.5x PgQueuer", ratios["drain_ours_over_pgqueuer"], 2.5),
+        at_least("drain >= 30x procrastinate", ratios["drain_ours_over_procrastinate"], 30),
+        at_least("drain >= 50% of raw ceiling", ratios["drain_ours_over_raw_ceiling"], 0.5),
+        at_least("bulk enqueue >= 2.5x PgQueuer", ratios["enqueue_ours_over_pgqueuer"], 2.5),
+        at_most(dispatch_name, overhead_8, 0.15),
+        at_most("latency p50 <= 10 ms with NOTIFY", p50, 10.0, " ms"),
         _plan_target(results, (claim_small, claim_large), mysql=mysql),
-        target(
+        at_most(
             f"claim at {claim_large} backlog within 2x of {claim_small}",
             ratios["claim_large_over_small"],
-            "<= 2",
-            at_most(ratios["claim_large_over_small"], 2.0),
+            2.0,
         ),
         target(
             f"worker RSS draining {rss_large} < 150 MB",

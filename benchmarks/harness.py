@@ -52,6 +52,17 @@ PYTHON = sys.executable
 # ------------------------------------------------------------------------------- statistics
 
 
+def run_gone(name: str) -> bool:
+    """Whether the run that named a throwaway database ``…_<pid>`` has ended."""
+    try:
+        os.kill(int(name.rsplit("_", 1)[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False  # that run is still alive
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) with linear interpolation between closest ranks."""
     if not values:
@@ -87,6 +98,11 @@ class Elapsed:
     cpu_started: float = field(default_factory=cpu_seconds)
     seconds: float = math.nan
     cpu_seconds: float = math.nan
+
+    def result(self, jobs: int, **extra: Any) -> dict[str, Any]:
+        """A child's result: the keys the suite rates (``seconds``, ``cpu_seconds``, ``jobs``),
+        then the measurement's own."""
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "jobs": jobs, **extra}
 
 
 @contextlib.contextmanager
@@ -373,14 +389,8 @@ class Session:
                 "SELECT datname FROM pg_database WHERE datname ~ $1", f"^{STALE_DATABASE}$"
             )
             for (name,) in rows:
-                pid = int(name.rsplit("_", 1)[1])
-                try:
-                    os.kill(pid, 0)
-                    continue  # that run is still alive
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue  # alive, someone else's
+                if not run_gone(name):
+                    continue
                 await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
                 dropped.append(name)
         finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from typing import Any
 import asyncmy
 from asyncmy.errors import OperationalError
 from sqlalchemy.engine import make_url
+
+from . import harness
 
 __all__ = [
     "SERVER_PROCESSES",
@@ -235,14 +236,8 @@ async def sweep_stale(maintenance_url: str, pattern: str) -> list[str]:
         for (name,) in rows:
             if not re.fullmatch(pattern, name):
                 continue
-            pid = int(name.rsplit("_", 1)[1])
-            try:
-                os.kill(pid, 0)
-                continue  # that run is still alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # alive, someone else's
+            if not harness.run_gone(name):
+                continue
             await _drop(conn, name)
             dropped.append(name)
     finally:

@@ -126,13 +126,11 @@ async def bulk_enqueue_child(url: str, jobs: int, chunk: int) -> dict[str, Any]:
             stored = (await conn.execute(sa.text("SELECT count(*) FROM jobs"))).scalar_one()
     finally:
         await engine.dispose()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "stored": stored,
-        "chunk": chunk,
-    }
+    return elapsed.result(
+        jobs,
+        stored=stored,
+        chunk=chunk,
+    )
 
 
 # -------------------------------------------------------------------------------- drain
@@ -173,20 +171,18 @@ async def drain_child(
         await engine.dispose()
     claims, deletes = stats.claims, stats.deletes
     left = await harness.fetchval(url, "SELECT count(*) FROM jobs")
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "handled": bench_jobs.handled(),
-        "succeeded": stats.succeeded,
-        "left": left,
-        "concurrency": concurrency,
-        "batch_size": batch_size,
-        "claim_statements": claims,
-        "delete_statements": deletes,
-        "jobs_per_claim": stats.claimed / claims if claims else None,
-        "jobs_per_delete": stats.succeeded / deletes if deletes else None,
-    }
+    return elapsed.result(
+        jobs,
+        handled=bench_jobs.handled(),
+        succeeded=stats.succeeded,
+        left=left,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        claim_statements=claims,
+        delete_statements=deletes,
+        jobs_per_claim=stats.claimed / claims if claims else None,
+        jobs_per_delete=stats.succeeded / deletes if deletes else None,
+    )
 
 
 # --------------------------------------------------------------- transactional dispatch
@@ -285,7 +281,6 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
     with harness.stopwatch() as loading:
         await load_backlog(url, backlog)
     engine = create_engine(url, pool_size=1)
-    mysql_facts: dict[str, Any] | None = None
     try:
         async with engine.connect() as conn:
             timings_ms: list[float] = []
@@ -296,24 +291,11 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
                 timings_ms.append((time.perf_counter() - started) * 1000)
                 claimed += len(got)
             if harness.family(url) == "mysql":
-                mysql_facts = await _explain_claim_mysql(conn)
+                facts = await _explain_claim_mysql(conn)
             else:
-                plan = await sql.explain_claim(conn, "default", 100)
+                facts = _plan_facts(await sql.explain_claim(conn, "default", 100))
     finally:
         await engine.dispose()
-    timing = {
-        "backlog": backlog,
-        "claims": claims,
-        "claimed": claimed,
-        "load_seconds": loading.seconds,
-        "median_ms": harness.median(timings_ms),
-        "first_ms": timings_ms[0],
-        "p90_ms": harness.percentile(timings_ms, 90),
-        "timings_ms": timings_ms,
-    }
-    if mysql_facts is not None:
-        return {**timing, **mysql_facts}
-    execution_ms = _plan_execution_ms(plan)
     return {
         "backlog": backlog,
         "claims": claims,
@@ -323,9 +305,19 @@ async def claim_cost_child(url: str, backlog: int, claims: int) -> dict[str, Any
         "first_ms": timings_ms[0],
         "p90_ms": harness.percentile(timings_ms, 90),
         "timings_ms": timings_ms,
+        **facts,
+    }
+
+
+def _plan_facts(plan: str) -> dict[str, Any]:
+    """What the PostgreSQL plan of our claim says (the MariaDB counterpart:
+    :func:`_explain_claim_mysql`)."""
+    from routemq_outbox import sql
+
+    return {
         "statement": sql.claim_statement_text(),
         "plan": plan,
-        "plan_execution_ms": execution_ms,
+        "plan_execution_ms": _plan_execution_ms(plan),
         "uses_claim_index": "ix_jobs_claim" in plan,
         "seq_scan_on_jobs": "Seq Scan on jobs" in plan,
     }

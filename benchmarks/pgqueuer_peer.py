@@ -90,13 +90,11 @@ async def bulk_enqueue_child(url: str, jobs: int, chunk: int) -> dict[str, Any]:
         stored = await conn.fetchval("SELECT count(*) FROM pgqueuer")
     finally:
         await conn.close()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "stored": stored,
-        "chunk": chunk,
-    }
+    return elapsed.result(
+        jobs,
+        stored=stored,
+        chunk=chunk,
+    )
 
 
 async def drain_child(url: str, jobs: int, instances: int, batch_size: int) -> dict[str, Any]:
@@ -124,20 +122,14 @@ async def drain_child(url: str, jobs: int, instances: int, batch_size: int) -> d
         for conn in conns:
             if not conn.is_closed():
                 await conn.close()
-    check = await harness.connect(url)
-    try:
-        left = await check.fetchval("SELECT count(*) FROM pgqueuer")
-    finally:
-        await check.close()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "handled": handled,
-        "left": left,
-        "instances": instances,
-        "batch_size": batch_size,
-    }
+    left = await harness.fetchval(url, "SELECT count(*) FROM pgqueuer")
+    return elapsed.result(
+        jobs,
+        handled=handled,
+        left=left,
+        instances=instances,
+        batch_size=batch_size,
+    )
 
 
 async def latency_worker_child(url: str, marks: str) -> dict[str, Any]:

@@ -82,18 +82,12 @@ async def bulk_enqueue_child(url: str, jobs: int, chunk: int) -> dict[str, Any]:
                 await task.batch_defer_async(
                     *({"n": n} for n in range(start, min(start + chunk, jobs)))
                 )
-    conn = await harness.connect(url)
-    try:
-        stored = await conn.fetchval("SELECT count(*) FROM procrastinate_jobs")
-    finally:
-        await conn.close()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "stored": stored,
-        "chunk": chunk,
-    }
+    stored = await harness.fetchval(url, "SELECT count(*) FROM procrastinate_jobs")
+    return elapsed.result(
+        jobs,
+        stored=stored,
+        chunk=chunk,
+    )
 
 
 async def drain_child(url: str, jobs: int, concurrency: int = DRAIN_CONCURRENCY) -> dict[str, Any]:
@@ -104,21 +98,15 @@ async def drain_child(url: str, jobs: int, concurrency: int = DRAIN_CONCURRENCY)
             await app.run_worker_async(
                 concurrency=concurrency, wait=False, install_signal_handlers=False
             )
-    conn = await harness.connect(url)
-    try:
-        left = await conn.fetchval(
-            "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
-        )
-    finally:
-        await conn.close()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "handled": _handled,
-        "left": left,
-        "concurrency": concurrency,
-    }
+    left = await harness.fetchval(
+        url, "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
+    )
+    return elapsed.result(
+        jobs,
+        handled=_handled,
+        left=left,
+        concurrency=concurrency,
+    )
 
 
 async def latency_worker_child(url: str) -> dict[str, Any]:

@@ -129,15 +129,13 @@ async def ceiling_child(url: str, jobs: int, connections: int, batch: int) -> di
     finally:
         for conn in conns:
             await conn.close()
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "handled": sum(counts),
-        "left": left,
-        "connections": connections,
-        "batch": batch,
-    }
+    return elapsed.result(
+        jobs,
+        handled=sum(counts),
+        left=left,
+        connections=connections,
+        batch=batch,
+    )
 
 
 # ------------------------------------------------------------------- ceiling on MariaDB
@@ -199,12 +197,10 @@ async def ceiling_child_mysql(url: str, jobs: int, connections: int, batch: int)
     finally:
         for conn in conns:
             await mariadb.close(conn)
-    return {
-        "seconds": elapsed.seconds,
-        "cpu_seconds": elapsed.cpu_seconds,
-        "jobs": jobs,
-        "handled": sum(counts),
-        "left": left,
-        "connections": connections,
-        "batch": batch,
-    }
+    return elapsed.result(
+        jobs,
+        handled=sum(counts),
+        left=left,
+        connections=connections,
+        batch=batch,
+    )

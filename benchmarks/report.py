@@ -309,7 +309,7 @@ def render(results: dict[str, Any]) -> str:
         target_rows.append(
             [
                 target["name"],
-                _num(value, 3) if value is not None else "n/a",
+                _num(value, 3),
                 target["threshold"],
                 verdict,
             ]

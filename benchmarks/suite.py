@@ -135,7 +135,7 @@ def _rate(result: dict[str, Any]) -> dict[str, Any]:
 def _best(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """The median sample by throughput, with every sample's rate kept alongside."""
     ordered = sorted(samples, key=lambda r: r["jobs_per_s"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2 if len(ordered) % 2 else len(ordered) // 2])
+    chosen = dict(ordered[len(ordered) // 2])
     chosen["all_jobs_per_s"] = [r["jobs_per_s"] for r in samples]
     return chosen
 
@@ -213,39 +213,33 @@ class Run:
                 },
             )
 
-        async def latency_polling_only() -> None:
-            # MariaDB: no NOTIFY, so the default (1 s) and a tighter poll interval.
-            self.results["latency"]["routemq_poll"] = await ours.latency(
-                self.session,
-                url,
-                listen=False,
-                samples=sizes.latency_samples_poll,
-                max_gap=POLL_GAP_S,
-            )
-            self.results["latency"]["routemq_poll_fast"] = await ours.latency(
-                self.session,
-                url,
-                listen=False,
-                samples=sizes.latency_samples_peers,
-                max_gap=FAST_POLL_S,
-                sleep=FAST_POLL_S,
-            )
-
         async def latency() -> None:
-            self.results["latency"]["routemq_listen"] = await ours.latency(
-                self.session,
-                url,
-                listen=True,
-                samples=sizes.latency_samples_listen,
-                max_gap=LISTEN_GAP_S,
-            )
-            self.results["latency"]["routemq_poll"] = await ours.latency(
+            found = self.results["latency"]
+            if self.family != "mysql":
+                found["routemq_listen"] = await ours.latency(
+                    self.session,
+                    url,
+                    listen=True,
+                    samples=sizes.latency_samples_listen,
+                    max_gap=LISTEN_GAP_S,
+                )
+            found["routemq_poll"] = await ours.latency(
                 self.session,
                 url,
                 listen=False,
                 samples=sizes.latency_samples_poll,
                 max_gap=POLL_GAP_S,
             )
+            if self.family == "mysql":
+                # No NOTIFY on MariaDB: a tighter poll interval as well as the default (1 s).
+                found["routemq_poll_fast"] = await ours.latency(
+                    self.session,
+                    url,
+                    listen=False,
+                    samples=sizes.latency_samples_peers,
+                    max_gap=FAST_POLL_S,
+                    sleep=FAST_POLL_S,
+                )
 
         async def claim() -> None:
             for backlog in (sizes.claim_small, sizes.claim_large):
@@ -262,10 +256,7 @@ class Run:
 
         await self.step("routemq-outbox: bulk enqueue + drain", enqueue_and_drain)
         await self.step("routemq-outbox: transactional dispatch", dispatch)
-        await self.step(
-            "routemq-outbox: latency",
-            latency_polling_only if self.family == "mysql" else latency,
-        )
+        await self.step("routemq-outbox: latency", latency)
         await self.step("routemq-outbox: worker RSS (CLI)", rss)
         await self.step("routemq-outbox: claim cost", claim)
 
