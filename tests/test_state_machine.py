@@ -41,9 +41,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routemq_outbox import FailJob, Job, RetryJob, dispatch
 from routemq_outbox import sql as ops
+from routemq_outbox.admin import retry_failed
 from routemq_outbox.database import create_engine
 from routemq_outbox.execution import Attempt, Verdict, judge_expired, run
-from routemq_outbox.schema import db_now, db_now_plus, failed_jobs, jobs
+from routemq_outbox.schema import db_now_plus, failed_jobs, jobs
 
 LEASE = 60.0
 EXAMPLES = 200
@@ -414,27 +415,21 @@ class JobStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.in_place("failed"))
     @rule(data=st.data())
     def retry_a_failed_job(self, data: st.DataObject) -> None:
-        """An operator sends a failed job back: one transaction moves the row, attempts reset."""
+        """An operator sends a failed job back (``failed retry ID``): one transaction moves the
+        row, attempts reset."""
         key = data.draw(st.sampled_from(self.in_place("failed")))
 
         async def move_back() -> None:
-            async with self.engine.begin() as conn:
+            async with self.engine.connect() as conn:
                 rows = (
                     await conn.execute(
                         sa.select(
-                            failed_jobs.c.id,
-                            failed_jobs.c.queue,
-                            sa.cast(failed_jobs.c.payload, sa.Text).label("payload"),
+                            failed_jobs.c.id, sa.cast(failed_jobs.c.payload, sa.Text).label("p")
                         )
                     )
                 ).all()
-                (row,) = [r for r in rows if key_of(r.payload) == key]
-                await conn.execute(
-                    sa.insert(jobs).values(
-                        queue=row.queue, payload=row.payload, attempts=0, available_at=db_now()
-                    )
-                )
-                await conn.execute(sa.delete(failed_jobs).where(failed_jobs.c.id == row.id))
+            (failed_id,) = [r.id for r in rows if key_of(r.p) == key]
+            assert await retry_failed(self.engine, [failed_id]) == 1
 
         self.wait(move_back())
         seen["failed job retried"] += 1

@@ -9,12 +9,7 @@ from sqlalchemy.orm import Session
 from routemq_outbox import dispatch, queue, testing
 
 from . import jobs as test_jobs
-
-
-def record(key: str) -> test_jobs.Record:
-    job = test_jobs.Record()
-    job.key = key
-    return job
+from .test_worker import record
 
 
 def flaky(key: str) -> test_jobs.Flaky:
