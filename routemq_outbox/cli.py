@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import admin
 from .config import DEFAULT_CONNECTION, database_url, imports_from_env, redact
 from .database import create_engine
-from .errors import NotFound, OutboxError, brief
+from .errors import DatabaseNotReady, NotFound, OutboxError, brief
 from .logs import configure_logging
 from .migrate import upgrade
 from .process import serve
@@ -236,6 +236,8 @@ def work(
             metrics_interval=metrics_interval,
         )
         code = serve(settings, [*(imports or []), *imports_from_env()])
+    except DatabaseNotReady as exc:
+        raise _fail(str(exc), 1) from None
     except OutboxError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

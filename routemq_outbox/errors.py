@@ -17,6 +17,8 @@ The tree::
     │   └── JobConstructionError
     ├── JobTimeout                  an attempt ran longer than its timeout
     ├── LeaseExpired                the worker running the last attempt stopped heartbeating
+    ├── OutcomeNotRecorded          the database refused to record an attempt's outcome
+    ├── DatabaseNotReady            the database cannot serve the queue (e.g. not migrated)
     ├── RetryJob                    raised by handle() to ask for another attempt later
     ├── FailJob                     raised by handle() to fail the job now, without more attempts
     └── NotFound                    an operator command named something that is not there
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DatabaseNotReady",
     "DispatchError",
     "FailJob",
     "InvalidDelay",
@@ -44,6 +47,7 @@ __all__ = [
     "NotAJob",
     "NotFound",
     "OutboxError",
+    "OutcomeNotRecorded",
     "PayloadTooLarge",
     "RetryJob",
     "UnknownFailedJob",
@@ -115,6 +119,14 @@ class JobTimeout(OutboxError):
 
 class LeaseExpired(OutboxError):
     """The worker running the job's last attempt stopped heartbeating before it finished."""
+
+
+class OutcomeNotRecorded(OutboxError):
+    """The database refused to record the outcome of an attempt."""
+
+
+class DatabaseNotReady(OutboxError):
+    """The database cannot serve the queue: it is not migrated, or cannot be used at all."""
 
 
 class RetryJob(OutboxError):

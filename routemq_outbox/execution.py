@@ -6,6 +6,7 @@ Nothing here touches the database; the worker applies the :class:`Outcome`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import time
@@ -17,6 +18,7 @@ from typing import NamedTuple
 from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, decode_payload, instantiate
 from .sql import Claimed
+from .threads import ThreadRunner
 
 __all__ = [
     "Attempt",
@@ -27,6 +29,8 @@ __all__ = [
     "judge_expired",
     "load",
     "run",
+    "run_hook",
+    "timed_out",
 ]
 
 
@@ -71,33 +75,23 @@ def describe(exc: BaseException) -> str:
     return head + "\n\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 
-_ASYNC_HANDLE: dict[object, bool] = {}
+_IS_ASYNC: dict[object, bool] = {}
 
 
-def _is_async(job: Job) -> bool:
-    function = type(job).handle
-    is_async = _ASYNC_HANDLE.get(function)
+def _is_async(function: object) -> bool:
+    is_async = _IS_ASYNC.get(function)
     if is_async is None:
-        is_async = _ASYNC_HANDLE[function] = inspect.iscoroutinefunction(function)
+        is_async = _IS_ASYNC[function] = inspect.iscoroutinefunction(function)
     return is_async
 
 
-def _capture(handle: Callable[[], object]) -> tuple[object, BaseException | None]:
-    """Call ``handle`` (in a worker thread) and hand back its result or its exception."""
-    try:
-        return handle(), None
-    except BaseException as exc:
-        return None, exc
-
-
-async def _in_thread(job: Job) -> None:
-    # A plain ``def handle`` runs in a thread so it cannot stall the worker's event loop. Its
-    # exception comes back as a value and is raised here, an ordinary raise that run() sees:
-    # left in the thread's future, a GeneratorExit would be *thrown* into the task's
-    # outermost coroutine (CPython closes the coroutines in between), past run()'s handler.
-    result, error = await asyncio.to_thread(_capture, job.handle)
-    if error is not None:
-        raise error
+async def _call(function: Callable[[], object], is_async: bool, threads: ThreadRunner) -> None:
+    """Await job code: a coroutine function on the loop, a plain ``def`` in a thread of its
+    own, so that it cannot stall the worker's event loop (what it returns may be awaitable)."""
+    if is_async:
+        await function()  # type: ignore[misc]
+        return
+    result = await threads.run(function)
     if inspect.isawaitable(result):
         await result
 
@@ -109,21 +103,49 @@ class Attempt:
     ``time.monotonic()`` value) once it knows the job's timeout, and the watchdog cancels the
     task when the deadline passes. One watchdog for all attempts costs less than a timer per
     attempt, which matters when the worker runs tens of thousands of short jobs a second.
+
+    A task that swallows its cancellation keeps running; once ``abandon_at`` has passed the
+    worker gives up waiting for it (``abandoned``): its slot is freed and whatever the task
+    does afterwards is ignored.
     """
 
-    __slots__ = ("claimed", "deadline", "task", "timed_out")
+    __slots__ = (
+        "abandon_at",
+        "abandoned",
+        "claimed",
+        "deadline",
+        "job",
+        "limit",
+        "task",
+        "timed_out",
+    )
 
     def __init__(self, claimed: Claimed) -> None:
         self.claimed = claimed
         self.task: asyncio.Task[None] | None = None
+        self.job: Job | None = None  # once loaded
+        self.limit = 0.0  # the attempt's timeout in seconds, once known
         self.deadline = math.inf
+        self.abandon_at = math.inf
         self.timed_out = False
+        self.abandoned = False
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float, cancel_wait: float) -> None:
         """Cancel the attempt if its deadline has passed (the watchdog calls this)."""
         if now >= self.deadline and not self.timed_out and self.task is not None:
             self.timed_out = True
+            self.abandon_at = now + cancel_wait
             self.task.cancel()
+
+    def cancel(self, cancel_wait: float) -> None:
+        """Cancel the attempt now (shutdown); it may be abandoned ``cancel_wait`` s later."""
+        if self.task is not None and not self.task.done():
+            self.abandon_at = min(self.abandon_at, time.monotonic() + cancel_wait)
+            self.task.cancel()
+
+    def stuck(self, now: float) -> bool:
+        """Cancelled, yet still running past ``abandon_at``: job code swallowed the cancel."""
+        return now >= self.abandon_at and self.task is not None and not self.task.done()
 
 
 def cancelled_from_outside() -> bool:
@@ -146,27 +168,33 @@ def _after_failure(
 
 
 async def run(
-    attempt: Attempt, *, time_limit: float | None = None, max_tries: int | None = None
+    attempt: Attempt,
+    *,
+    threads: ThreadRunner,
+    time_limit: float | None = None,
+    max_tries: int | None = None,
 ) -> Outcome:
-    """Run one attempt. ``time_limit``/``max_tries`` override the job's own."""
+    """Run one attempt (a plain ``def handle`` in one of ``threads``).
+    ``time_limit``/``max_tries`` override the job's own."""
     claimed = attempt.claimed
     started = time.perf_counter()
     try:
         job = load(claimed)
     except JobLoadError as exc:
         return Outcome(Verdict.FAIL, None, exc, None, time.perf_counter() - started, 0)
+    attempt.job = job
     tries = max_tries or job.max_tries
     if claimed.attempts > tries:
         error: BaseException = FailJob(
             f"attempt {claimed.attempts} is past max_tries={tries}; not run again"
         )
         return Outcome(Verdict.FAIL, job, error, None, 0.0, tries)
-    limit = time_limit or job.timeout
+    limit = attempt.limit = time_limit or job.timeout
     task = attempt.task
     assert task is not None, "the worker sets Attempt.task before the attempt starts"
     attempt.deadline = time.monotonic() + limit
     try:
-        await (job.handle() if _is_async(job) else _in_thread(job))
+        await _call(job.handle, _is_async(type(job).handle), threads)
     except asyncio.CancelledError as exc:
         if attempt.timed_out and task.uncancel() == 0:
             error = JobTimeout(
@@ -191,15 +219,34 @@ async def run(
     return Outcome(Verdict.DONE, job, None, None, time.perf_counter() - started, tries)
 
 
+def timed_out(attempt: Attempt, max_tries: int | None) -> Outcome:
+    """The outcome of an attempt that ran past its timeout and ignored being cancelled."""
+    job = attempt.job
+    assert job is not None, "only a running attempt can time out"
+    claimed = attempt.claimed
+    error = JobTimeout(
+        f"attempt {claimed.attempts} ran longer than its {attempt.limit:g} s timeout and "
+        "ignored being cancelled; it may still be running"
+    )
+    return _after_failure(job, claimed, max_tries or job.max_tries, error, time.perf_counter())
+
+
+async def run_hook(job: Job, error: BaseException, threads: ThreadRunner) -> None:
+    """Call ``job.failed(error)``: a coroutine on the loop, a plain ``def`` in a thread."""
+    await _call(functools.partial(job.failed, error), _is_async(type(job).failed), threads)
+
+
 def judge_expired(claimed: Claimed, *, max_tries: int | None = None) -> Outcome:
     """Decide the fate of a job whose worker stopped heartbeating mid-attempt.
 
-    It goes back to pending if attempts remain, else to failed_jobs with LeaseExpired.
+    It goes back to pending if attempts remain, else to failed_jobs with LeaseExpired. A job
+    this worker cannot load goes back to pending too, attempts unchanged: whoever claims it
+    next judges it (a worker that can load it runs it; one that cannot fails it).
     """
     try:
         job = load(claimed)
-    except JobLoadError as exc:
-        return Outcome(Verdict.FAIL, None, exc)
+    except JobLoadError:
+        return Outcome(Verdict.RETRY)
     tries = max_tries or job.max_tries
     if claimed.attempts < tries:
         return Outcome(Verdict.RETRY, job, None, None, 0.0, tries)

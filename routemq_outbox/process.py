@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -68,6 +69,12 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
         await worker.run()
+        if worker.abandoned:
+            # Job code that ignores cancellation would keep the event loop from closing
+            # (it waits for every task): the worker is done, so the process ends here.
+            log.warning("exiting with %d tasks of job code still running", worker.abandoned)
+            logging.shutdown()
+            os._exit(0)
 
     try:
         _run_event_loop(main())

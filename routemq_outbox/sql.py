@@ -55,6 +55,7 @@ __all__ = [
     "claim",
     "claim_statement_text",
     "clear_queue",
+    "count_attempts",
     "counts_by_queue_statement",
     "delete_failed",
     "explain_claim",
@@ -338,20 +339,35 @@ def _reservation(
     }
 
 
-_CLAIM = _reservation(
-    [
-        jobs.c.queue == sa.bindparam("queue_name", type_=sa.String()),
-        jobs.c.reserved_at.is_(None),
-        jobs.c.available_at <= db_now(),
-    ],
-    (jobs.c.available_at, jobs.c.id),
-    count_attempt=True,
+_DUE = (
+    jobs.c.queue == sa.bindparam("queue_name", type_=sa.String()),
+    jobs.c.reserved_at.is_(None),
+    jobs.c.available_at <= db_now(),
 )
-_RESCUE = _reservation(
-    [jobs.c.reserved_at.isnot(None), jobs.c.lease_expires_at < db_now()],
-    (jobs.c.lease_expires_at, jobs.c.id),
-    count_attempt=False,
-)
+_DUE_ORDER = (jobs.c.available_at, jobs.c.id)
+_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True)
+# Prefetched jobs are claimed without counting an attempt: one that never starts (its worker
+# crashed, or stopped) has not spent one. count_attempts() counts it just before it starts.
+_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False)
+
+
+def _expired(queues: sa.ColumnElement[bool]) -> dict[str, _Reservation]:
+    return _reservation(
+        [jobs.c.reserved_at.isnot(None), jobs.c.lease_expires_at < db_now(), queues],
+        (jobs.c.lease_expires_at, jobs.c.id),
+        count_attempt=False,
+    )
+
+
+# A worker takes over only jobs of its own queues: a job of another pool may be one it cannot
+# load, or one whose attempts it would judge by its own --max-tries. On PostgreSQL the queues
+# are one array parameter (the statement is compiled once for asyncpg); elsewhere a list.
+_RESCUE = {
+    **_expired(jobs.c.queue.in_(sa.bindparam("queues", expanding=True))),
+    "postgresql": _expired(
+        jobs.c.queue == sa.any_(sa.bindparam("queues", type_=postgresql.ARRAY(sa.String())))
+    )["postgresql"],
+}
 
 
 class _Compiled(NamedTuple):
@@ -379,6 +395,7 @@ class _Compiled(NamedTuple):
 # execution costs more than the statement itself when a worker claims and deletes thousands of
 # jobs a second. The driver prepares each text once per connection.
 _CLAIM_ASYNCPG = _Compiled.of(_CLAIM["postgresql"].reserve)
+_CLAIM_AHEAD_ASYNCPG = _Compiled.of(_CLAIM_AHEAD["postgresql"].reserve)
 _RESCUE_ASYNCPG = _Compiled.of(_RESCUE["postgresql"].reserve)
 
 
@@ -420,11 +437,23 @@ async def _reserve(
 
 
 async def claim(
-    conn: AsyncConnection, queue: str, limit: int, token: int, lease: float
+    conn: AsyncConnection,
+    queue: str,
+    limit: int,
+    token: int,
+    lease: float,
+    *,
+    count_attempt: bool = True,
 ) -> list[Claimed]:
-    """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first."""
+    """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first.
+
+    With ``count_attempt=False`` (jobs claimed ahead, to wait for a free slot) the attempt is
+    not counted: :func:`count_attempts` counts it when the job is about to start.
+    """
     params = {"queue_name": queue, "limit": limit, "new_token": token, "lease": float(lease)}
-    return await _reserve(conn, _CLAIM, _CLAIM_ASYNCPG, params, count_attempt=True)
+    if count_attempt:
+        return await _reserve(conn, _CLAIM, _CLAIM_ASYNCPG, params, count_attempt=True)
+    return await _reserve(conn, _CLAIM_AHEAD, _CLAIM_AHEAD_ASYNCPG, params, count_attempt=False)
 
 
 def claim_statement_text() -> str:
@@ -451,24 +480,26 @@ async def explain_claim(conn: AsyncConnection, queue: str = "default", limit: in
 
 
 async def rescue_expired(
-    conn: AsyncConnection, limit: int, token: int, lease: float
+    conn: AsyncConnection, limit: int, token: int, lease: float, queues: Sequence[str]
 ) -> list[Claimed]:
-    """Take over up to ``limit`` jobs whose worker stopped heartbeating (attempts unchanged).
+    """Take over up to ``limit`` jobs of ``queues`` whose worker stopped heartbeating
+    (attempts unchanged).
 
     The caller decides, job by job, to put each back to pending or to fail it.
     """
-    params = {"limit": limit, "new_token": token, "lease": float(lease)}
+    params = {"limit": limit, "new_token": token, "lease": float(lease), "queues": list(queues)}
     return await _reserve(conn, _RESCUE, _RESCUE_ASYNCPG, params, count_attempt=False)
 
 
 def _held(dialect_name: str, pairs: Sequence[tuple[int, int]]) -> sa.ColumnElement[bool]:
     held = sa.tuple_(jobs.c.id, jobs.c.token).in_(list(pairs))
-    if family(dialect_name) == "mysql":
-        # A plain `id IN` as well makes sure, on every MySQL and MariaDB version, that the
-        # statement reads (and locks) only the rows it names, by primary key: when the
-        # optimiser turns an IN list of row values into key ranges varies between versions.
-        return sa.and_(jobs.c.id.in_([job_id for job_id, _ in pairs]), held)
-    return held
+    if family(dialect_name) == "postgresql":
+        return held
+    # A plain `id IN` as well: SQLite cannot search an index for a list of row values (it
+    # would scan the whole table, under its one write lock), and whether MySQL and MariaDB
+    # turn one into key ranges varies between versions. With it, the statement reads (and, on
+    # MySQL, locks) only the rows it names, by primary key.
+    return sa.and_(jobs.c.id.in_([job_id for job_id, _ in pairs]), held)
 
 
 # PostgreSQL: the pairs travel as two arrays (two parameters however many jobs), and the
@@ -485,24 +516,48 @@ _FINISH_POSTGRESQL = sa.delete(jobs).where(jobs.c.id == _PAIRS.c.id, jobs.c.toke
 
 
 _FINISH_ASYNCPG = _Compiled.of(_FINISH_POSTGRESQL)
+_COUNT_POSTGRESQL = (
+    sa.update(jobs)
+    .where(jobs.c.id == _PAIRS.c.id, jobs.c.token == _PAIRS.c.token)
+    .values(attempts=jobs.c.attempts + 1)
+)
+_COUNT_ASYNCPG = _Compiled.of(_COUNT_POSTGRESQL)
+
+
+async def _by_pairs(
+    conn: AsyncConnection,
+    pairs: Sequence[tuple[int, int]],
+    compiled: _Compiled,
+    postgres: sa.Delete | sa.Update,
+    other: sa.Delete | sa.Update,
+) -> int:
+    """Run a statement on the held jobs ``pairs``: ``compiled`` on asyncpg, ``postgres`` on
+    PostgreSQL through another driver, ``other`` (restricted to the pairs) elsewhere."""
+    driver = await _asyncpg(conn)
+    ids, tokens = zip(*pairs, strict=True)
+    if driver is not None:
+        status = await driver.execute(
+            compiled.text, *compiled.args({"ids": list(ids), "tokens": list(tokens)})
+        )
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>" / "UPDATE <count>"
+    async with conn.begin():
+        if family(conn.dialect.name) == "postgresql":
+            result = await conn.execute(postgres, {"ids": ids, "tokens": tokens})
+        else:
+            result = await conn.execute(other.where(_held(conn.dialect.name, pairs)))
+    return int(result.rowcount)
 
 
 async def finish(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:
     """Delete finished jobs given as (id, token); returns how many this worker still held."""
-    driver = await _asyncpg(conn)
-    if driver is not None:
-        ids, tokens = zip(*pairs, strict=True)
-        status = await driver.execute(
-            _FINISH_ASYNCPG.text, *_FINISH_ASYNCPG.args({"ids": list(ids), "tokens": list(tokens)})
-        )
-        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
-    async with conn.begin():
-        if family(conn.dialect.name) == "postgresql":
-            ids, tokens = zip(*pairs, strict=True)
-            result = await conn.execute(_FINISH_POSTGRESQL, {"ids": ids, "tokens": tokens})
-        else:
-            result = await conn.execute(sa.delete(jobs).where(_held(conn.dialect.name, pairs)))
-    return int(result.rowcount)
+    return await _by_pairs(conn, pairs, _FINISH_ASYNCPG, _FINISH_POSTGRESQL, sa.delete(jobs))
+
+
+async def count_attempts(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:
+    """Count an attempt of held jobs claimed ahead, which are about to start; returns how many
+    this worker still held."""
+    every = sa.update(jobs).values(attempts=jobs.c.attempts + 1)
+    return await _by_pairs(conn, pairs, _COUNT_ASYNCPG, _COUNT_POSTGRESQL, every)
 
 
 async def extend_leases(

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -30,27 +32,29 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
-import asyncpg
-import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import sql
+from . import faults, sql
 from .config import DEFAULT_CONNECTION, redact
 from .database import create_engine
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DatabaseNotReady, OutboxError, OutcomeNotRecorded
 from .errors import brief as _brief
 from .execution import (
     Attempt,
     Outcome,
     Verdict,
-    cancelled_from_outside,
     describe,
     judge_expired,
     run,
+    run_hook,
+    timed_out,
 )
-from .job import validate_queue_name
+from .faults import TRANSIENT
+from .job import Job, validate_queue_name
+from .threads import ThreadRunner
 
 __all__ = [
+    "TRANSIENT",
     "Worker",
     "WorkerObserver",
     "WorkerSettings",
@@ -59,22 +63,17 @@ __all__ = [
 
 log = logging.getLogger("routemq_outbox.worker")
 
-# Errors that mean "the database is unreachable or misbehaving right now": log, back off, retry.
-# asyncpg's own appear where the hot path talks to the driver directly (sql.claim, sql.finish).
-TRANSIENT = (
-    sqlalchemy.exc.DBAPIError,
-    sqlalchemy.exc.TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-    # Raised straight from asyncpg when a connection breaks mid-operation (seen when the
-    # server shuts down); through SQLAlchemy it arrives as a DBAPIError.
-    asyncpg.InternalClientError,
-)
 _BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
+_CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
+_CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
+_SUMMARY_EVERY = 60.0  # seconds between the INFO lines that sum up what was done
+
+_Key = tuple[int, int]  # (job id, token): one claim of one job
+# What a held claim is: its attempt not counted (claimed ahead, or taken over from a silent
+# worker), counted (running, or about to), or done (its success not yet deleted).
+_UNCOUNTED, _COUNTED, _DONE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,7 @@ class WorkerStats:
     retried: int = 0
     failed: int = 0
     interrupted: int = 0
+    abandoned: int = 0
     claimed: int = 0
     claims: int = 0
     deletes: int = 0
@@ -227,6 +227,10 @@ class Worker:
     Without ``engine`` it makes its own with :func:`.database.create_engine`. An engine of
     your own on MySQL/MariaDB should run at READ COMMITTED, as those do (see
     :mod:`.database`).
+
+    Everything the worker holds is keyed by claim, ``(job id, token)``, never by job id alone:
+    the same job can come back to the same worker under a new token (its lease ran out and it
+    was taken over), and what one claim does must never touch another's bookkeeping.
     """
 
     def __init__(
@@ -242,32 +246,50 @@ class Worker:
         self._engine = engine
         self._owns_engine = engine is None
         self._stopping = asyncio.Event()
+        self._stop_at: float | None = None  # when stop() was called: the grace counts from it
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._changed = asyncio.Event()  # a job or hook ended: shutdown re-checks what is left
         self._running: dict[asyncio.Task[None], Attempt] = {}
-        self._waiting: collections.deque[sql.Claimed] = collections.deque()  # prefetched
-        self._starting = True  # False once stopping: prefetched jobs are released, not run
-        self._held: dict[int, int] = {}  # job id -> token, for every job this worker holds
-        self._done: list[tuple[int, int]] = []
+        # Claimed ahead, attempt not counted yet: waiting for a slot, then being counted.
+        self._waiting: collections.deque[sql.Claimed] = collections.deque()
+        self._marking: list[sql.Claimed] = []
+        self._in_flight: list[sql.Claimed] = []
+        self._marks_ready = asyncio.Event()
+        self._ready: list[_Key] = []  # attempt counted, but claimed as the worker stopped
+        self._starting = True  # False once stopping: claimed jobs are released, not run
+        self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
+        self._done: list[_Key] = []
         self._done_ready = asyncio.Event()
+        self._hooks: dict[asyncio.Task[None], Attempt] = {}
+        self._hook_slots = asyncio.Semaphore(settings.concurrency)
+        self._abandoned: set[asyncio.Task[None]] = set()
+        self._threads = ThreadRunner()
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
+        self._closed_at = math.inf
         self._crash: BaseException | None = None  # why a helper loop died, if one did
 
     # ------------------------------------------------------------------ public
 
     def stop(self) -> None:
-        """Stop claiming; running jobs get ``grace`` seconds to finish."""
-        self._stopping.set()
-        self._starting = False
-        self._wake.set()
-        self._slot_freed.set()
+        """Stop claiming and release the jobs claimed ahead; running jobs get ``grace``
+        seconds to finish."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        self._end(release_claimed=True)
+
+    @property
+    def abandoned(self) -> int:
+        """Attempts and ``failed()`` hooks that ignored being cancelled and still run."""
+        return len(self._abandoned)
 
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
-            # Three connections are held for good (claims, deletes, LISTEN); the others serve
-            # heartbeats and the rarer writes (retries, failures), which queue for a connection
-            # rather than open dozens: the server's connection limit is shared by every worker.
+            # Four connections are held for good (claims, starts, deletes, LISTEN); the others
+            # serve heartbeats and the rarer writes (retries, failures), which queue for a
+            # connection rather than open dozens: the server's connection limit is shared by
+            # every worker.
             self._engine = create_engine(
                 self.settings.database_url, pool_size=5, max_overflow=5, worker=True
             )
@@ -277,41 +299,52 @@ class Worker:
         """Work until stopped (or a stop condition holds); returns what was done.
 
         If one of its helper loops fails in a way it cannot retry, the worker stops as on
-        :meth:`stop` and ``run()`` then raises that error.
+        :meth:`stop` and ``run()`` then raises that error. With ``stop_when_empty``, a
+        database that cannot serve the queue at all (not migrated, no such database) raises
+        :class:`~routemq_outbox.errors.DatabaseNotReady` instead of being waited for.
         """
         settings = self.settings
         self._loop = asyncio.get_running_loop()
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
         self._claim_lane = _Lane(self.engine)
-        helpers = [
+        # These finish their round when the worker closes; the others are cancelled then.
+        finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
-            asyncio.create_task(self._maintain(), name="routemq-outbox maintenance"),
+            asyncio.create_task(self._starter(), name="routemq-outbox starter"),
+            asyncio.create_task(self._heartbeats(), name="routemq-outbox heartbeats"),
+            asyncio.create_task(self._rescuer(), name="routemq-outbox rescue"),
+        ]
+        cancelled = [
             asyncio.create_task(self._watchdog(), name="routemq-outbox watchdog"),
+            asyncio.create_task(self._reporter(), name="routemq-outbox reporter"),
         ]
         if listening:
-            helpers.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
-        for helper in helpers:
+            cancelled.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
+        for helper in (*finishing, *cancelled):
             helper.add_done_callback(self._helper_ended)
-        watchers = []
         if self._observer is not None:
             watch = self._observer.watch(self)
-            watchers.append(asyncio.create_task(watch, name="routemq-outbox observer"))
-        timer = self._loop.call_later(settings.max_time, self.stop) if settings.max_time else None
+            cancelled.append(asyncio.create_task(watch, name="routemq-outbox observer"))
+        timer = None
+        if settings.max_time:
+            timer = self._loop.call_later(settings.max_time, self._end_of_time)
         try:
             await self._claim_loop()
         finally:
             if timer:
                 timer.cancel()
             self._stopping.set()
-            await self._drain_running()  # heartbeats go on meanwhile
+            if not self._starting:
+                await self._release_unstarted()  # at once, so that idle peers can take them
+            await self._drain()  # heartbeats go on meanwhile
             self._closed.set()
+            self._closed_at = time.monotonic()
             self._done_ready.set()
-            # The completer flushes what is left and maintenance ends its round; the
-            # watchdog, the listener and the observer have nothing to finish.
-            for helper in (*helpers[2:], *watchers):
+            self._marks_ready.set()
+            for helper in cancelled:
                 helper.cancel()
-            await asyncio.gather(*helpers, *watchers, return_exceptions=True)
+            await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
             await self._claim_lane.reset()
             await self._release_unfinished()
             if self._owns_engine and self._engine is not None:
@@ -327,6 +360,20 @@ class Worker:
         )
         return self.stats
 
+    def _end(self, *, release_claimed: bool) -> None:
+        self._stopping.set()
+        if release_claimed:
+            self._starting = False
+        self._wake.set()
+        self._slot_freed.set()
+        self._changed.set()
+
+    def _end_of_time(self) -> None:
+        """``max_time`` is up: stop claiming and release the jobs claimed ahead; running jobs
+        finish (each within its own timeout), unless :meth:`stop` cuts them short."""
+        log.info("ran --max-time=%g s; finishing", self.settings.max_time)
+        self._end(release_claimed=True)
+
     def _helper_ended(self, task: asyncio.Task[None]) -> None:
         """A helper loop that dies takes the worker down (gracefully), never silently."""
         if task.cancelled() or task.exception() is None or self._crash is not None:
@@ -341,14 +388,25 @@ class Worker:
 
     # ------------------------------------------------------------------ claiming
 
+    def _free_slots(self) -> int:
+        return (
+            self.settings.concurrency
+            - len(self._running)
+            - len(self._marking)
+            - len(self._in_flight)
+        )
+
     def _budget(self) -> int:
         settings = self.settings
         if self._waiting and len(self._waiting) > settings.buffer // 2:
             return 0  # every slot is busy and enough jobs wait: top up later, in one claim
-        free = settings.concurrency + settings.buffer - len(self._running) - len(self._waiting)
+        free = self._free_slots() + settings.buffer - len(self._waiting)
         if settings.max_jobs is not None:
             free = min(free, settings.max_jobs - self.stats.claimed)
         return min(free, settings.batch_size)
+
+    def _busy(self) -> bool:
+        return bool(self._running or self._waiting or self._marking or self._in_flight)
 
     async def _claim_loop(self) -> None:
         settings = self.settings
@@ -367,6 +425,7 @@ class Worker:
                 claimed = await self._claim(wanted)
             except Exception as exc:
                 await self._claim_lane.reset()
+                self._give_up_on(exc)
                 pause = backoff.next()
                 _log_retry("claiming", exc, pause)
                 await self._pause(pause)
@@ -375,7 +434,7 @@ class Worker:
             if claimed == wanted:
                 continue  # there may be more due jobs: claim again as soon as slots allow
             if settings.stop_when_empty and not claimed:
-                if not self._running and not self._waiting:
+                if not self._busy():
                     log.info("no due jobs left; stopping (--stop-when-empty)")
                     return
                 self._slot_freed.clear()
@@ -383,28 +442,64 @@ class Worker:
                 continue
             await self._idle()
 
+    def _give_up_on(self, exc: Exception) -> None:
+        """Raise what makes waiting pointless: a configuration error, and, for a worker
+        that should stop once the queue is empty, a database that cannot serve it at all."""
+        if isinstance(exc, OutboxError):
+            raise exc
+        if not self.settings.stop_when_empty or faults.is_transient(exc):
+            return
+        where = redact(self.settings.database_url)
+        missing = faults.missing_schema(exc)
+        if missing is not None:
+            raise DatabaseNotReady(
+                f"database {where} is missing {missing} that routemq-outbox needs "
+                f"({_brief(exc)}): run `routemq-outbox migrate`"
+            ) from exc
+        raise DatabaseNotReady(f"database {where} cannot be used: {_brief(exc)}") from exc
+
     async def _claim(self, wanted: int) -> int:
-        """Claim and start up to ``wanted`` jobs, from the earlier queues first."""
+        """Claim up to ``wanted`` jobs, from the earlier queues first: as many as there are
+        free slots, started at once with their attempt counted; the rest claimed ahead."""
         token = secrets.randbits(63)
-        claimed = 0
+        lease = self.settings.lease
         conn = await self._claim_lane.get()
+        total = 0
         for queue in self.settings.queues:
-            got = await sql.claim(conn, queue, wanted - claimed, token, self.settings.lease)
-            self.stats.claims += 1
-            self.stats.claimed += len(got)
-            if got and self._observer is not None:
-                self._observer.claimed(queue, len(got))
-            for job in got:
-                # At once: a failure on the next queue must not orphan these.
-                self._held[job.id] = job.token
-                if len(self._running) < self.settings.concurrency:
-                    self._start(job)
-                else:
-                    self._waiting.append(job)
-            claimed += len(got)
-            if claimed >= wanted:
+            for count_attempt in (True, False):
+                limit = wanted - total
+                if count_attempt:
+                    limit = min(limit, self._free_slots())
+                if limit <= 0:
+                    continue
+                got = await sql.claim(conn, queue, limit, token, lease, count_attempt=count_attempt)
+                self._claimed(queue, got, count_attempt)
+                total += len(got)
+                if len(got) < limit:
+                    break  # this queue has no more due jobs: on to the next
+            if total >= wanted:
                 break
-        return claimed
+        return total
+
+    def _claimed(self, queue: str, got: list[sql.Claimed], counted: bool) -> None:
+        self.stats.claims += 1
+        self.stats.claimed += len(got)
+        if got and self._observer is not None:
+            self._observer.claimed(queue, len(got))
+        for job in got:
+            # At once: a failure on the next statement must not orphan these.
+            key = (job.id, job.token)
+            if not counted:
+                self._held[key] = _UNCOUNTED
+                self._waiting.append(job)
+            elif self._starting:
+                self._held[key] = _COUNTED
+                self._start(job)
+            else:  # claimed as the worker was stopping: released without spending the attempt
+                self._held[key] = _COUNTED
+                self._ready.append(key)
+        if not counted:
+            self._refill()  # slots may have freed while the claim ran
 
     async def _idle(self) -> None:
         """Sleep until a job may be due: the poll interval, a NOTIFY, or stop."""
@@ -415,103 +510,240 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    # ------------------------------------------------------------------ starting
+
+    def _refill(self) -> None:
+        """Hand free slots to jobs claimed ahead; the starter counts their attempts first."""
+        while self._waiting and self._starting and self._free_slots() > 0:
+            self._marking.append(self._waiting.popleft())
+        if self._marking:
+            self._marks_ready.set()
+
+    async def _starter(self) -> None:
+        """Count the attempts of jobs claimed ahead, in batches, then start them.
+
+        A job's attempt is counted in the database before its code runs, so that a job that
+        crashes its worker spends its attempts as it should; and only then, so that a job
+        claimed ahead by a worker that crashed before starting it has not spent one.
+        """
+        backoff = _Backoff()
+        lane = _Lane(self.engine)
+        try:
+            while True:
+                await self._marks_ready.wait()
+                self._marks_ready.clear()
+                if not self._marking:
+                    if self._closed.is_set():
+                        return
+                    continue
+                batch, self._marking = self._marking, []
+                self._in_flight = batch
+                try:
+                    await sql.count_attempts(await lane.get(), [(c.id, c.token) for c in batch])
+                except Exception as exc:
+                    await lane.reset()
+                    self._in_flight = []
+                    if not self._starting or self._closed.is_set():
+                        # Stopping: they go back unspent (the count may have been lost).
+                        self._waiting.extendleft(reversed(batch))
+                        self._changed.set()
+                        continue
+                    self._marking = batch + self._marking
+                    pause = backoff.next()
+                    _log_retry("counting the attempts of prefetched jobs", exc, pause)
+                    await self._pause(pause)
+                    self._marks_ready.set()
+                    continue
+                backoff.reset()
+                self._in_flight = []
+                for claimed in batch:
+                    key = (claimed.id, claimed.token)
+                    self._held[key] = _COUNTED
+                    if self._starting:
+                        self._start(claimed._replace(attempts=claimed.attempts + 1))
+                    else:
+                        self._ready.append(key)
+                self._changed.set()
+                self._slot_freed.set()
+        finally:
+            await lane.reset()
+
     # ------------------------------------------------------------------ running
 
-    def _start(self, claimed: sql.Claimed) -> None:
+    def _start(self, claimed: sql.Claimed, outcome: Outcome | None = None) -> None:
         attempt = Attempt(claimed)
-        attempt.task = task = self._loop.create_task(self._process(attempt))
+        attempt.task = task = self._loop.create_task(self._process(attempt, outcome))
         self._running[task] = attempt
 
-    async def _process(self, attempt: Attempt) -> None:
+    async def _process(self, attempt: Attempt, outcome: Outcome | None) -> None:
+        """Run one attempt (or, given ``outcome``, only record it) in a slot."""
         claimed = attempt.claimed
+        key = (claimed.id, claimed.token)
         try:
-            outcome = await run(
-                attempt, time_limit=self.settings.timeout, max_tries=self.settings.max_tries
-            )
+            if outcome is None:
+                outcome = await run(
+                    attempt,
+                    threads=self._threads,
+                    time_limit=self.settings.timeout,
+                    max_tries=self.settings.max_tries,
+                )
+            if attempt.abandoned:
+                return  # its outcome was recorded when it was given up on
             if outcome.verdict is Verdict.DONE:
-                self._succeeded(claimed, outcome)  # the common case, without an await
+                self._succeeded(claimed, key, outcome)  # the common case, without an await
+            elif outcome.verdict is Verdict.INTERRUPTED:
+                self.stats.interrupted += 1  # released at exit, attempt refunded
             else:
                 await self._apply(claimed, outcome)
         except asyncio.CancelledError:
             raise  # shutdown: the job stays held, to be released unspent
         except BaseException:
+            if attempt.abandoned:
+                return
             log.exception("internal error while processing job id=%d", claimed.id)
             # Its outcome is unknown: stop renewing its lease rather than hold it for as long
             # as this worker lives. Once the lease runs out, the rescue retries or fails it.
-            if self._held.pop(claimed.id, None) is not None:
+            if self._held.pop(key, None) is not None:
                 log.warning(
                     "job id=%d is left to its lease (%g s): it will run again or fail then",
                     claimed.id,
                     self.settings.lease,
                 )
         finally:
-            del self._running[attempt.task]  # type: ignore[arg-type]
-            if self._waiting and self._starting:
-                self._start(self._waiting.popleft())
-            self._slot_freed.set()
+            if not attempt.abandoned:
+                self._slot_ended(attempt)
 
-    def _succeeded(self, claimed: sql.Claimed, outcome: Outcome) -> None:
+    def _slot_ended(self, attempt: Attempt) -> None:
+        del self._running[attempt.task]  # type: ignore[arg-type]
+        self._refill()
+        self._slot_freed.set()
+        self._changed.set()
+
+    def _succeeded(self, claimed: sql.Claimed, key: _Key, outcome: Outcome) -> None:
         self.stats.succeeded += 1
-        self._done.append((claimed.id, claimed.token))
+        self._held[key] = _DONE
+        self._done.append(key)
         self._done_ready.set()
         if self._observer is not None:
             self._observer.recorded(claimed, outcome, ran=True)
-        _log_job(logging.INFO, claimed, outcome, "succeeded", "succeeded in %.1f ms", _ms(outcome))
+        _log_job(logging.DEBUG, claimed, outcome, "succeeded", "succeeded in %.1f ms", _ms(outcome))
 
     async def _watchdog(self) -> None:
-        """Cancel attempts that ran past their timeout."""
+        """Cancel attempts and hooks that ran past their timeout, and give up on those that
+        ignore being cancelled."""
         while True:
             await asyncio.sleep(_WATCHDOG_TICK)
             now = time.monotonic()
             for attempt in list(self._running.values()):
-                attempt.expire(now)
+                attempt.expire(now, _CANCEL_WAIT)
+                if attempt.abandon_at <= now and attempt.stuck(now):
+                    self._abandon(attempt)
+            for attempt in list(self._hooks.values()):
+                attempt.expire(now, _CANCEL_WAIT)
+                if attempt.abandon_at <= now and attempt.stuck(now):
+                    self._abandon_hook(attempt)
+
+    def _abandon(self, attempt: Attempt) -> None:
+        """Free the slot of an attempt that ignored its cancellation (its code still runs).
+
+        After its timeout, the attempt counts as timed out and the job is retried or failed
+        as usual. After a shutdown's grace period, the job is left to its lease (another
+        worker takes it over once this one has exited).
+        """
+        claimed = attempt.claimed
+        key = (claimed.id, claimed.token)
+        self._keep_abandoned(attempt)
+        if attempt.timed_out and not self._closed.is_set():
+            log.error(
+                "job id=%d queue=%s ignored being cancelled at its %g s timeout: its slot is "
+                "freed and the attempt counts as timed out (its code may still be running)",
+                claimed.id,
+                claimed.queue,
+                attempt.limit,
+            )
+            self._running.pop(attempt.task, None)  # type: ignore[arg-type]
+            self._start(claimed, timed_out(attempt, self.settings.max_tries))
+        else:
+            log.error(
+                "job id=%d queue=%s ignored being cancelled at shutdown; it is left to its "
+                "lease (%g s) and runs again after that",
+                claimed.id,
+                claimed.queue,
+                self.settings.lease,
+            )
+            self._held.pop(key, None)
+            self._slot_ended(attempt)
+
+    def _abandon_hook(self, attempt: Attempt) -> None:
+        log.error(
+            "failed() of job id=%d ignored being cancelled; it is no longer waited for",
+            attempt.claimed.id,
+        )
+        self._keep_abandoned(attempt)
+        self._hooks.pop(attempt.task, None)  # type: ignore[arg-type]
+        self._changed.set()
+
+    def _keep_abandoned(self, attempt: Attempt) -> None:
+        attempt.abandoned = True
+        self.stats.abandoned += 1
+        task = attempt.task
+        assert task is not None
+        self._abandoned.add(task)  # a reference, or asyncio may complain when it is collected
+        task.add_done_callback(self._abandoned.discard)
 
     async def _apply(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool = True) -> None:
         """Write down an outcome other than success, of one attempt (or of a rescued job, which
         did not run); successes go through :meth:`_succeeded`, without an await."""
-        verdict = outcome.verdict
-        if verdict is Verdict.RETRY:
-            pair = [(claimed.id, claimed.token)]
-            held = await self._write(lambda conn: sql.release(conn, pair, delay=outcome.delay))
-            self._held.pop(claimed.id, None)
-            if not held:
-                _log_lost(claimed, "retry")
-                return
-            self.stats.retried += 1
-            if self._observer is not None:
-                self._observer.recorded(claimed, outcome, ran=ran)
-            if not outcome.delay:
-                self._wake.set()  # due again at once: no reason to wait for the next poll
-            if outcome.error is None:
-                _log_job(
-                    logging.WARNING,
-                    claimed,
-                    outcome,
-                    "retried",
-                    "was left by a worker that stopped heartbeating; back to pending",
-                    ran=ran,
-                )
-            else:
-                when = f"in {outcome.delay:g} s" if outcome.delay else "now"
-                _log_job(
-                    logging.WARNING,
-                    claimed,
-                    outcome,
-                    "retried",
-                    "failed in %.1f ms (%s); retrying %s",
-                    _ms(outcome),
-                    _brief(outcome.error),
-                    when,
-                    ran=ran,
-                )
-        elif verdict is Verdict.FAIL:
+        if outcome.verdict is Verdict.FAIL:
             await self._fail(claimed, outcome, ran=ran)
+            return
+        key = (claimed.id, claimed.token)
+        delay = outcome.delay
+        held, problem = await self._write(lambda conn: sql.release(conn, [key], delay=delay))
+        if held is None and problem is not None:
+            # The database refuses this retry for good (a delay it cannot store, say): fail
+            # the job, rather than hold it until the worker exits and run it again then.
+            error = OutcomeNotRecorded(f"its retry could not be recorded: {_brief(problem)}")
+            error.__cause__ = outcome.error
+            failed = Outcome(Verdict.FAIL, outcome.job, error, None, outcome.duration)
+            await self._fail(claimed, failed._replace(max_tries=outcome.max_tries), ran=ran)
+            return
+        self._held.pop(key, None)
+        if not held:
+            _log_unrecorded(claimed, "retry", held)
+            return
+        self.stats.retried += 1
+        if self._observer is not None:
+            self._observer.recorded(claimed, outcome, ran=ran)
+        if not delay:
+            self._wake.set()  # due again at once: no reason to wait for the next poll
+        if outcome.error is None:
+            _log_job(
+                logging.WARNING,
+                claimed,
+                outcome,
+                "retried",
+                "was left by a worker that stopped heartbeating; back to pending",
+                ran=ran,
+            )
         else:
-            self.stats.interrupted += 1  # released, attempt refunded, at shutdown
+            when = f"in {delay:g} s" if delay else "now"
+            _log_job(
+                logging.WARNING,
+                claimed,
+                outcome,
+                "retried",
+                "failed in %.1f ms (%s); retrying %s",
+                _ms(outcome),
+                _brief(outcome.error),
+                when,
+                ran=ran,
+            )
 
     async def _fail(self, claimed: sql.Claimed, outcome: Outcome, *, ran: bool) -> None:
         error = outcome.error
         assert error is not None
+        key = (claimed.id, claimed.token)
         record = sql.FailedRecord(
             uuid=str(uuid.uuid4()),
             connection=self.settings.connection_name,
@@ -521,10 +753,19 @@ class Worker:
             attempts=claimed.attempts,
             job_id=claimed.id,
         )
-        moved = await self._write(lambda conn: sql.move_to_failed(conn, claimed.token, record))
-        self._held.pop(claimed.id, None)
+        moved, problem = await self._write(
+            lambda conn: sql.move_to_failed(conn, claimed.token, record)
+        )
+        if moved is None and problem is not None:
+            # The database refuses the text for good: store one it can hold.
+            plain = _storable(record.exception) + f"\n\n(stored escaped: {_brief(problem)})"
+            record = dataclasses.replace(record, exception=plain)
+            moved, problem = await self._write(
+                lambda conn: sql.move_to_failed(conn, claimed.token, record)
+            )
+        self._held.pop(key, None)
         if not moved:
-            _log_lost(claimed, "failure")
+            _log_unrecorded(claimed, "failure", moved, problem)
             return
         self.stats.failed += 1
         if self._observer is not None:
@@ -541,35 +782,71 @@ class Worker:
             ran=ran,
         )
         if outcome.job is not None:
-            try:
-                await outcome.job.failed(error)
-            except asyncio.CancelledError:
-                if cancelled_from_outside():
-                    raise  # shutdown, not the hook
-                log.exception("failed() of job id=%d raised", claimed.id)
-            except BaseException:
-                # Like handle(): SystemExit or KeyboardInterrupt raised by job code must not
-                # escape into the event loop, which would stop the whole worker.
-                log.exception("failed() of job id=%d raised", claimed.id)
+            self._spawn_hook(claimed, outcome.job, error)
 
-    async def _write(self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]) -> bool:
-        """Run a guarded write until the database takes it; False if the job was not ours."""
+    def _spawn_hook(self, claimed: sql.Claimed, job: Job, error: BaseException) -> None:
+        """Run ``job.failed(error)`` in a task of its own: neither a slot nor lease
+        maintenance waits for it."""
+        attempt = Attempt(claimed)
+        attempt.job = job
+        attempt.task = task = self._loop.create_task(self._hook(attempt, job, error))
+        self._hooks[task] = attempt
+
+    async def _hook(self, attempt: Attempt, job: Job, error: BaseException) -> None:
+        job_id = attempt.claimed.id
+        try:
+            async with self._hook_slots:  # at most --concurrency hooks at once
+                attempt.limit = self.settings.timeout or job.timeout
+                attempt.deadline = time.monotonic() + attempt.limit
+                await run_hook(job, error, self._threads)
+        except asyncio.CancelledError:
+            if attempt.timed_out:
+                log.error(
+                    "failed() of job id=%d ran longer than %g s; cancelled", job_id, attempt.limit
+                )
+            else:
+                log.warning("failed() of job id=%d was interrupted at shutdown", job_id)
+        except BaseException:
+            # Like handle(): SystemExit or KeyboardInterrupt raised by job code must not
+            # escape into the event loop, which would stop the whole worker.
+            log.exception("failed() of job id=%d raised", job_id)
+        finally:
+            attempt.deadline = math.inf
+            if not attempt.abandoned:
+                self._hooks.pop(attempt.task, None)  # type: ignore[arg-type]
+                self._changed.set()
+
+    async def _write(
+        self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]
+    ) -> tuple[bool | None, BaseException | None]:
+        """Run a guarded write until the database takes it.
+
+        Returns (True, None) once written, (False, None) if the job was no longer this
+        worker's, (None, error) if the database refused it for good, and (None, None) if the
+        worker, closing, gave up on a database that stayed away.
+        """
         backoff = _Backoff()
         while True:
             try:
                 async with self.engine.connect() as conn:
-                    return bool(await operation(conn))
+                    return bool(await operation(conn)), None
             except Exception as exc:
-                if self._closed.is_set():
-                    log.warning(
-                        "could not record a job's outcome (%s); its lease will expire "
-                        "and it will run again",
-                        _brief(exc),
-                    )
-                    return False
-                pause = backoff.next()
+                if not faults.is_transient(exc):
+                    return None, exc
+                pause = self._closing_pause(backoff)
+                if pause is None:
+                    return None, None
                 _log_retry("database write", exc, pause)
                 await asyncio.sleep(pause)
+
+    def _closing_pause(self, backoff: _Backoff) -> float | None:
+        """The pause before trying a write again, shorter once the worker is closing; None
+        once the worker has tried for long enough after closing."""
+        pause = backoff.next()
+        if not self._closed.is_set():
+            return pause
+        left = self._closed_at + _CLOSING_PERSISTENCE - time.monotonic()
+        return None if left <= 0 else min(pause, left, 1.0)
 
     async def _completer(self) -> None:
         """Delete finished jobs in batches: whatever finished while the last delete ran."""
@@ -598,22 +875,22 @@ class Worker:
             except Exception as exc:
                 await lane.reset()
                 self._done = batch + self._done
-                if self._closed.is_set():
+                pause = self._closing_pause(backoff)
+                if pause is None:
                     log.warning(
                         "could not delete %d finished jobs (%s); they will run again "
                         "after their lease expires",
-                        len(batch),
+                        len(self._done),
                         _brief(exc),
                     )
                     return
-                pause = backoff.next()
                 _log_retry("deleting finished jobs", exc, pause)
                 await asyncio.sleep(pause)
                 self._done_ready.set()
                 continue
             backoff.reset()
-            for job_id, _ in batch:
-                self._held.pop(job_id, None)
+            for key in batch:
+                self._held.pop(key, None)
             if deleted < len(batch):
                 log.warning(
                     "%d finished jobs had been taken over after their lease expired; "
@@ -623,64 +900,102 @@ class Worker:
             if self._closed.is_set():
                 self._done_ready.set()
 
-    async def _drain_running(self) -> None:
-        """Give running jobs the grace period, then cancel them.
+    # ------------------------------------------------------------------ shutdown
 
-        Prefetched jobs still start when the worker ends by itself (``--max-jobs``,
-        ``--stop-when-empty``) and slots free up in time; after :meth:`stop` they do not.
-        """
-        if not self._running:
-            return
-        grace = self.settings.grace
-        log.info(
-            "waiting up to %g s for %d running jobs",
-            grace,
-            len(self._running) + self._starting * len(self._waiting),
+    def _active(self) -> bool:
+        return bool(
+            self._running
+            or self._hooks
+            or self._marking
+            or self._in_flight
+            or (self._starting and self._waiting)
         )
-        deadline = time.monotonic() + grace
-        while self._running and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._running), timeout=left)
+
+    async def _drain(self) -> None:
+        """Wait for what is running: jobs, ``failed()`` hooks, and, when the worker ends by
+        itself (``--max-jobs``, ``--stop-when-empty``), the jobs claimed ahead. After
+        :meth:`stop`, for at most ``grace`` seconds (counted from the stop); then cancel what
+        is left, and give up on what ignores that."""
+        self._refill()
+        if self._active():
+            log.info(
+                "waiting for %d running jobs%s",
+                len(self._running) + len(self._marking) + len(self._in_flight),
+                "" if self._stop_at is None else f" (up to {self.settings.grace:g} s)",
+            )
+        while self._active():
+            left = None
+            if self._stop_at is not None:
+                left = self._stop_at + self.settings.grace - time.monotonic()
+                if left <= 0:
+                    break
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
         self._starting = False
-        pending = set(self._running)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("grace period over: interrupting %d jobs", len(pending))
-            await asyncio.wait(pending)
+        cut = [*self._running.values(), *self._hooks.values()]
+        if not cut:
+            return
+        log.warning("grace period over: interrupting %d jobs", len(self._running))
+        for attempt in cut:
+            attempt.cancel(_CANCEL_WAIT)
+        deadline = time.monotonic() + _CANCEL_WAIT
+        while (self._running or self._hooks) and (left := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        for attempt in list(self._running.values()):
+            self._abandon(attempt)
+        for attempt in list(self._hooks.values()):
+            self._abandon_hook(attempt)
+
+    async def _release_unstarted(self) -> None:
+        """Jobs claimed but not started go back to pending, unspent. Those whose attempt is
+        being counted right now are left for :meth:`_release_unfinished`."""
+        waiting = [(job.id, job.token) for job in (*self._waiting, *self._marking)]
+        self._waiting.clear()
+        self._marking.clear()
+        ready, self._ready = self._ready, []
+        await self._release(waiting, refund=False)
+        await self._release(ready, refund=True)
 
     async def _release_unfinished(self) -> None:
-        """Jobs still held at exit go back to pending without spending an attempt."""
-        if not self._held:
+        """Jobs still held at exit go back to pending without spending an attempt. Jobs
+        that finished, but whose deletion failed, are left to their lease: releasing them
+        would run them again at once."""
+        by_state: dict[int, list[_Key]] = {_UNCOUNTED: [], _COUNTED: [], _DONE: []}
+        for key, state in self._held.items():
+            by_state[state].append(key)
+        await self._release(by_state[_UNCOUNTED], refund=False)
+        await self._release(by_state[_COUNTED], refund=True)
+
+    async def _release(self, keys: list[_Key], *, refund: bool) -> None:
+        if not keys:
             return
-        pairs = list(self._held.items())
         try:
             async with self.engine.connect() as conn:
-                released = await sql.release(conn, pairs, delay=None, refund_attempt=True)
+                released = await sql.release(conn, keys, delay=None, refund_attempt=refund)
         except Exception as exc:
             log.warning(
                 "could not release %d unfinished jobs (%s); they run again after "
                 "their lease expires",
-                len(pairs),
+                len(keys),
                 _brief(exc),
             )
             return
-        self._held.clear()
+        for key in keys:
+            self._held.pop(key, None)
         log.info("released %d unfinished jobs back to pending", released)
 
     # ------------------------------------------------------------------ leases
 
-    async def _maintain(self) -> None:
-        """Heartbeats for held jobs, and rescue of jobs whose worker went silent.
-
-        Runs until the worker is closed, so that jobs finishing in the grace period keep
-        their leases; rescuing other workers' jobs stops as soon as stopping begins.
-        """
+    async def _heartbeats(self) -> None:
+        """Extend the leases of every held job, until the worker is closed (so that jobs
+        finishing in the grace period keep their leases)."""
         backoff = _Backoff()
         while not self._closed.is_set():
             try:
                 await self._heartbeat()
-                if not self._stopping.is_set():
-                    await self._rescue()
                 backoff.reset()
                 pause = self.settings.heartbeat
             except Exception as exc:
@@ -690,23 +1005,65 @@ class Worker:
                 await asyncio.wait_for(self._closed.wait(), pause)
 
     async def _heartbeat(self) -> None:
-        pairs = list(self._held.items())
+        pairs = list(self._held)
         if not pairs:
             return
         # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken over
         # is reported where its outcome is written, which its token no longer allows.
         async with self.engine.connect() as conn:
-            await sql.extend_leases(conn, pairs, self.settings.lease)
+            for start in range(0, len(pairs), _FINISH_BATCH):
+                await sql.extend_leases(
+                    conn, pairs[start : start + _FINISH_BATCH], self.settings.lease
+                )
+
+    async def _rescuer(self) -> None:
+        """Take over jobs of this worker's queues whose worker went silent, until stopping.
+        Apart from the heartbeats: writing down a rescued job's fate must never delay them."""
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            try:
+                await self._rescue()
+                backoff.reset()
+                pause = self.settings.heartbeat
+            except Exception as exc:
+                pause = min(backoff.next(), self.settings.heartbeat)
+                _log_retry("taking over expired leases", exc, pause)
+            await self._pause(pause)
 
     async def _rescue(self) -> None:
-        async with self.engine.connect() as conn:
-            rescued = await sql.rescue_expired(
-                conn, self.settings.batch_size, secrets.randbits(63), self.settings.lease
-            )
-        for claimed in rescued:
-            self._held[claimed.id] = claimed.token
-            outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
-            await self._apply(claimed, outcome, ran=False)
+        limit = self.settings.batch_size
+        while not self._stopping.is_set():
+            async with self.engine.connect() as conn:
+                rescued = await sql.rescue_expired(
+                    conn, limit, secrets.randbits(63), self.settings.lease, self.settings.queues
+                )
+            for claimed in rescued:
+                self._held[(claimed.id, claimed.token)] = _UNCOUNTED
+            for claimed in rescued:
+                outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
+                await self._apply(claimed, outcome, ran=False)
+            if len(rescued) < limit:
+                return
+
+    # ------------------------------------------------------------------ reporting
+
+    async def _reporter(self) -> None:
+        """A line at INFO every so often with what was done, instead of one per job (which
+        costs a busy worker much of its throughput); ``--verbose`` logs every job."""
+        stats = self.stats
+        last = (0, 0, 0)
+        while True:
+            await asyncio.sleep(_SUMMARY_EVERY)
+            now = (stats.succeeded, stats.retried, stats.failed)
+            if now != last:
+                done = [b - a for a, b in zip(last, now, strict=True)]
+                log.info(
+                    "in the last %g s: %d succeeded, %d retried, %d failed; %d running",
+                    _SUMMARY_EVERY,
+                    *done,
+                    len(self._running),
+                )
+                last = now
 
     # ------------------------------------------------------------------ LISTEN/NOTIFY
 
@@ -827,14 +1184,40 @@ def _log_retry(what: str, exc: Exception, pause: float) -> None:
         log.error(message, what, _brief(exc), pause, exc_info=exc)
 
 
-def _log_lost(claimed: sql.Claimed, what: str) -> None:
-    log.warning(
-        "job id=%d queue=%s: its lease had expired and it was taken over by another worker; "
-        "this worker's %s was not recorded",
-        claimed.id,
-        claimed.queue,
-        what,
-    )
+def _log_unrecorded(
+    claimed: sql.Claimed, what: str, held: bool | None, problem: BaseException | None = None
+) -> None:
+    if held is False:
+        log.warning(
+            "job id=%d queue=%s: its lease had expired and it was taken over by another "
+            "worker; this worker's %s was not recorded",
+            claimed.id,
+            claimed.queue,
+            what,
+        )
+    elif problem is not None:
+        log.error(
+            "job id=%d queue=%s: the database refused to record its %s (%s); it is left "
+            "to its lease and runs again after that",
+            claimed.id,
+            claimed.queue,
+            what,
+            _brief(problem),
+            exc_info=problem,
+        )
+    else:
+        log.warning(
+            "job id=%d queue=%s: its %s could not be recorded before the worker exited; it "
+            "runs again after its lease expires",
+            claimed.id,
+            claimed.queue,
+            what,
+        )
+
+
+def _storable(text: str) -> str:
+    """``text`` escaped down to printable ASCII: what any engine's text column can hold."""
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "\\x00")
 
 
 def _ms(outcome: Outcome) -> float:

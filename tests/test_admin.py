@@ -585,7 +585,7 @@ def test_work_logs_json_lines(db_url: str, sync_engine: sa.Engine, restore_loggi
     with sync_engine.begin() as conn:
         queue.bulk_sync([quick("succeed"), quick("fail once"), quick("give up")], session=conn)
 
-    result = ok("work", "--stop-when-empty", "--sleep", "0.05", "--log-format", "json")
+    result = ok("work", "--stop-when-empty", "--sleep", "0.05", "--log-format", "json", "-v")
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert {line["logger"] for line in lines} == {"routemq_outbox.worker"}
     assert all(
@@ -593,9 +593,9 @@ def test_work_logs_json_lines(db_url: str, sync_engine: sa.Engine, restore_loggi
     )
     jobs_ = sorted((line for line in lines if "job" in line), key=lambda x: (x["id"], x["attempt"]))
     assert [(x["outcome"], x["attempt"], x["level"]) for x in jobs_] == [
-        ("succeeded", 1, "INFO"),
+        ("succeeded", 1, "DEBUG"),
         ("retried", 1, "WARNING"),
-        ("succeeded", 2, "INFO"),
+        ("succeeded", 2, "DEBUG"),
         ("failed", 1, "ERROR"),
     ]
     for line in jobs_:

@@ -45,6 +45,7 @@ from routemq_outbox.admin import retry_failed
 from routemq_outbox.database import create_engine
 from routemq_outbox.execution import Attempt, Verdict, judge_expired, run
 from routemq_outbox.schema import db_now_plus, failed_jobs, jobs
+from routemq_outbox.threads import ThreadRunner
 
 LEASE = 60.0
 EXAMPLES = 200
@@ -62,7 +63,7 @@ async def _run(claimed: ops.Claimed) -> Any:
     """One attempt through the worker's own code (execution.run), in the current task."""
     attempt = Attempt(claimed)
     attempt.task = asyncio.current_task()
-    return await run(attempt)
+    return await run(attempt, threads=ThreadRunner())
 
 
 class StateJob(Job):
@@ -387,7 +388,7 @@ class JobStateMachine(RuleBasedStateMachine):
         failed when the attempts are spent; the old holder is fenced out."""
         token = next(self.tokens)
         expired = self.held(expired=True)
-        got = self.wait(self.on(ops.rescue_expired, limit, token, LEASE))
+        got = self.wait(self.on(ops.rescue_expired, limit, token, LEASE, [StateJob.queue]))
         assert len(got) == min(limit, len(expired))
         for rescued in got:
             key = key_of(rescued.payload)

@@ -313,7 +313,7 @@ async def test_a_worker_whose_lease_expired_cannot_touch_the_job(
     conn = await stack.enter_async_context(engine.connect())
     (mine,) = await claim(conn, "default", 1, secrets.randbits(63), lease=0.01)
     await asyncio.sleep(0.1)
-    (theirs,) = await rescue_expired(conn, 10, secrets.randbits(63), lease=30)
+    (theirs,) = await rescue_expired(conn, 10, secrets.randbits(63), 30, ["default"])
     assert theirs.id == mine.id
     assert theirs.token != mine.token
 
@@ -560,8 +560,8 @@ async def test_prefetched_jobs_still_run_when_the_worker_ends_by_itself(
     await queue.bulk([record(f"k{i}") for i in range(6)])
     sizes: list[int] = []
 
-    async def counting_claim(*args: object) -> list[object]:
-        got = await claim(*args)  # type: ignore[arg-type]
+    async def counting_claim(*args: object, **kwargs: object) -> list[object]:
+        got = await claim(*args, **kwargs)  # type: ignore[arg-type]
         sizes.append(len(got))
         return got  # type: ignore[return-value]
 
@@ -613,7 +613,7 @@ async def test_a_helper_loop_that_dies_stops_the_worker_and_raises(
 ) -> None:
     await dispatch(sleepy("watched", 0.5))
 
-    def broken_expire(self: object, now: float) -> None:
+    def broken_expire(self: object, now: float, cancel_wait: float) -> None:
         raise RuntimeError("watchdog bug")
 
     monkeypatch.setattr(execution_module.Attempt, "expire", broken_expire)
