@@ -30,6 +30,7 @@ A class's docstring is its default message, so ``raise UnknownJob()`` still says
 from __future__ import annotations
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
     "ConfigurationError",
     "DispatchError",
     "FailJob",
@@ -52,6 +53,11 @@ __all__ = [
     "UnserializableJob",
     "brief",
 ]
+
+MAX_DELAY_SECONDS = 100 * 365 * 24 * 3600
+"""The longest any job may be made to wait (100 years): a dispatch delay, a retry delay, a
+job's ``retry_after`` or ``backoff_max``. Beyond it a due time is surely a mistake, and far
+beyond it no engine can store the time (MariaDB's DATETIME ends with the year 9999)."""
 
 
 class OutboxError(Exception):
@@ -78,7 +84,8 @@ class InvalidQueueName(DispatchError, ValueError):
 
 
 class InvalidDelay(DispatchError, ValueError):
-    """A delay must be non-negative seconds, a timedelta or a timezone-aware datetime."""
+    """A delay must be 0 to 100 years: seconds, a timedelta, or a timezone-aware datetime
+    from 1970-01-01 UTC to 100 years from now."""
 
 
 class NotAJob(DispatchError, TypeError):
@@ -125,8 +132,13 @@ class RetryJob(OutboxError):
     """
 
     def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
-        if delay is not None and delay < 0:
-            raise InvalidDelay(f"RetryJob delay must be >= 0 seconds, got {delay!r}")
+        if delay is not None:
+            number = isinstance(delay, int | float) and not isinstance(delay, bool)
+            if not number or not 0 <= delay <= MAX_DELAY_SECONDS:  # NaN compares False
+                raise InvalidDelay(
+                    f"RetryJob delay must be a number of seconds from 0 to {MAX_DELAY_SECONDS} "
+                    f"(100 years), got {delay!r}"
+                )
         super().__init__(message or "the job asked to be retried")
         self.delay = delay
 

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 from . import backoff
 from .errors import (
+    MAX_DELAY_SECONDS,
+    InvalidDelay,
     InvalidQueueName,
     JobConstructionError,
     JobDefinitionError,
@@ -28,7 +30,9 @@ from .errors import (
 from .schema import QUEUE_NAME_MAX
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
     "Job",
+    "check_retry_delay",
     "decode_payload",
     "encode_payload",
     "instantiate",
@@ -64,13 +68,41 @@ def validate_queue_name(name: object) -> str:
     return name
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_DELAY_RANGE = f"a number of seconds from 0 to {MAX_DELAY_SECONDS} (100 years)"
+
+
 def _positive_number(cls: type, attribute: str, value: object, *, allow_zero: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
     if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
         bound = ">= 0" if allow_zero else "> 0"
         raise JobDefinitionError(
             f"{cls.__qualname__}.{attribute} must be a number {bound}, got {value!r}"
         )
+
+
+def _delay_setting(cls: type, attribute: str, value: object) -> None:
+    # Comparisons, which NaN fails and which never overflow (float() does, on huge ints).
+    if not (_is_number(value) and 0 <= value <= MAX_DELAY_SECONDS):  # type: ignore[operator]
+        raise JobDefinitionError(
+            f"{cls.__qualname__}.{attribute} must be {_DELAY_RANGE}, got {value!r}"
+        )
+
+
+def check_retry_delay(value: object) -> float:
+    """``value`` as the seconds to wait before a job's next attempt, or :class:`InvalidDelay`.
+
+    For what a job's own ``retry_delay()`` returns. A negative number means "at once" (0.0);
+    something that is not a number, NaN, or more than :data:`MAX_DELAY_SECONDS` (infinity
+    included) is refused: no engine can store the due time it leads to, and a job parked for
+    centuries is lost in all but name.
+    """
+    if not _is_number(value) or not value <= MAX_DELAY_SECONDS:  # type: ignore[operator]
+        raise InvalidDelay(f"a retry delay must be {_DELAY_RANGE}, got {value!r:.80}")
+    return float(max(0.0, value))  # type: ignore[call-overload]
 
 
 class Job:
@@ -163,8 +195,8 @@ def _check_class_attributes(cls: type[Job]) -> None:
             f"{cls.__qualname__}.max_tries must be an integer >= 1, got {cls.max_tries!r}"
         )
     _positive_number(cls, "timeout", cls.timeout, allow_zero=False)
-    _positive_number(cls, "retry_after", cls.retry_after, allow_zero=True)
-    _positive_number(cls, "backoff_max", cls.backoff_max, allow_zero=True)
+    _delay_setting(cls, "retry_after", cls.retry_after)
+    _delay_setting(cls, "backoff_max", cls.backoff_max)
     if cls.backoff not in ("fixed", "exponential"):
         raise JobDefinitionError(
             f"{cls.__qualname__}.backoff must be 'fixed' or 'exponential', got {cls.backoff!r}"
