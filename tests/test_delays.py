@@ -1,14 +1,16 @@
-"""Due times every engine stores.
+"""Due times every engine stores, and a dispatch clock that starts at the dispatch.
 
 - Delays go from 0 to 100 years and datetimes from 1970-01-01 UTC to 100 years from now:
   anything else is refused before anything is sent, so the caller's transaction goes on.
 - Retry delays share the bound: a job class, a RetryJob, and what the worker stores.
+- A delay counts from the dispatch call, not from the start of its transaction.
 
 Each test fails without the protection it covers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -17,10 +19,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routemq_outbox import Job, RetryJob, queue
+from routemq_outbox import Job, RetryJob, dispatch, queue
 from routemq_outbox.errors import MAX_DELAY_SECONDS, InvalidDelay, JobDefinitionError
 from routemq_outbox.job import check_retry_delay
-from routemq_outbox.schema import jobs
+from routemq_outbox.schema import db_now, jobs
 
 
 class Later(Job):
@@ -139,3 +141,25 @@ def test_check_retry_delay_is_what_the_worker_stores() -> None:
     for bad in (math.inf, math.nan, MAX_DELAY_SECONDS + 1, 10**400, None, "10", True):
         with pytest.raises(InvalidDelay, match="a retry delay must be a number of seconds"):
             check_retry_delay(bad)
+
+
+# ----------------------------------------------------------------------------- the clock
+
+
+async def test_a_delay_counts_from_the_dispatch_not_from_the_start_of_its_transaction(
+    engine: AsyncEngine, orders: None
+) -> None:
+    """PostgreSQL's now() is the transaction's start: a job dispatched with a 10 s delay a
+    minute into a transaction would be due 50 s early."""
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("INSERT INTO orders (id) VALUES (1)"))
+        started = (await conn.execute(sa.select(db_now()))).scalar_one()
+        await asyncio.sleep(1.5)
+        await queue.later(10, a_job(key="later"), session=conn)
+        await dispatch(a_job(key="now"), session=conn)
+        await queue.bulk([a_job(key="bulk 1"), a_job(key="bulk 2")], delay=10, session=conn)
+    rows = await jobs_rows(engine)
+    for row in rows:
+        assert row.created_at - started >= timedelta(seconds=1.4), (row, started)
+    due = [round((r.available_at - r.created_at).total_seconds(), 2) for r in rows]
+    assert due == [10.0, 0.0, 10.0, 10.0]
