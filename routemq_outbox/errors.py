@@ -10,6 +10,7 @@ The tree::
     │   ├── InvalidDelay            (also a ValueError)
     │   ├── NotAJob                 (also a TypeError)
     │   ├── UnserializableJob       (also a TypeError)
+    │   ├── InvalidJobSetting       (also a ValueError)
     │   └── PayloadTooLarge         (also a ValueError)
     ├── JobLoadError                a stored row could not be turned back into a job
     │   ├── MalformedPayload
@@ -35,6 +36,7 @@ __all__ = [
     "DispatchError",
     "FailJob",
     "InvalidDelay",
+    "InvalidJobSetting",
     "InvalidQueueName",
     "JobConstructionError",
     "JobDefinitionError",
@@ -94,6 +96,14 @@ class NotAJob(DispatchError, TypeError):
 
 class UnserializableJob(DispatchError, TypeError):
     """A job attribute cannot be stored as JSON."""
+
+
+class InvalidJobSetting(DispatchError, ValueError):
+    """A job setting (max_tries, timeout, ...) was set on the instance, or holds a bad value.
+
+    Settings configure the job's class: they never travel with the job as data, so a value
+    set on one instance after it was built would not reach the worker.
+    """
 
 
 class PayloadTooLarge(DispatchError, ValueError):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
-from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
+from .errors import FailJob, JobConstructionError, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, decode_payload, instantiate
 from .sql import Claimed
 
@@ -54,9 +54,20 @@ class Outcome(NamedTuple):
 
 
 def load(claimed: Claimed) -> Job:
-    """The job instance stored in ``claimed``; raises a JobLoadError for a bad row."""
-    name, data = decode_payload(claimed.payload)
-    job = instantiate(name, data, claimed.queue)
+    """The job instance stored in ``claimed``; raises a JobLoadError for a bad row.
+
+    Whatever goes wrong, even a ``BaseException`` raised by the job's constructor, is a
+    JobLoadError: the worker then fails the row once instead of leaving it held.
+    """
+    try:
+        name, data = decode_payload(claimed.payload)
+        job = instantiate(name, data, claimed.queue)
+    except JobLoadError:
+        raise
+    except BaseException as exc:  # job code (__init__, a property setter) as in run()
+        raise JobConstructionError(
+            f"loading job id={claimed.id} raised {type(exc).__name__}: {exc}"
+        ) from exc
     job.__dict__["_attempt"] = claimed.attempts
     job.__dict__["_job_id"] = claimed.id
     return job
