@@ -11,10 +11,9 @@ input raises before anything is sent, and builds its statement with :mod:`routem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,7 +23,7 @@ from sqlalchemy.orm import Session
 from . import sql
 from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
-from .errors import InvalidDelay
+from .errors import MAX_DELAY_SECONDS, InvalidDelay
 from .job import Job, encode_payload, validate_queue_name
 
 __all__ = ["AsyncTarget", "Delay", "Queue", "SyncTarget", "dispatch", "dispatch_sync", "queue"]
@@ -36,6 +35,13 @@ AsyncTarget = AsyncSession | AsyncConnection
 SyncTarget = Session | sa.Connection
 
 
+# Due times outside this range are refused: MariaDB's DATETIME and Python's datetime end
+# with the year 9999, and far from now any due time is a mistake (a delay in milliseconds,
+# a zero timestamp).
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LONGEST = timedelta(seconds=MAX_DELAY_SECONDS)
+
+
 def _availability(delay: Delay | None) -> sql.Availability:
     if delay is None:
         return None
@@ -45,18 +51,29 @@ def _availability(delay: Delay | None) -> sql.Availability:
                 f"naive datetime {delay.isoformat()} given as the time to run the job: "
                 "pass a timezone-aware datetime (e.g. datetime.now(timezone.utc) + ...)"
             )
+        # Aware datetimes compare and subtract by their UTC instants, without the overflow
+        # that converting one near the year 1 or 9999 to UTC may raise.
+        if delay < _EARLIEST or delay - datetime.now(UTC) > _LONGEST:
+            raise InvalidDelay(
+                f"the time to run the job must be from 1970-01-01 UTC to 100 years from now, "
+                f"got {delay.isoformat()}"
+            )
         return delay
     if isinstance(delay, timedelta):
-        seconds = delay.total_seconds()
+        seconds: float = delay.total_seconds()
     elif isinstance(delay, int | float) and not isinstance(delay, bool):
-        seconds = float(delay)
+        seconds = delay
     else:
         raise InvalidDelay(
             f"delay must be seconds, a timedelta or an aware datetime, got {type(delay).__name__}"
         )
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidDelay(f"delay must be a finite number of seconds >= 0, got {delay!r}")
-    return seconds or None
+    # Comparisons, not float(): NaN fails them, and they do not overflow on a huge int.
+    if not 0 <= seconds <= MAX_DELAY_SECONDS:
+        raise InvalidDelay(
+            f"delay must be a finite number of seconds >= 0 and at most {MAX_DELAY_SECONDS} "
+            f"(100 years), got {delay!r}"
+        )
+    return float(seconds) or None
 
 
 @dataclass(frozen=True)

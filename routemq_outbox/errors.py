@@ -10,6 +10,7 @@ The tree::
     │   ├── InvalidDelay            (also a ValueError)
     │   ├── NotAJob                 (also a TypeError)
     │   ├── UnserializableJob       (also a TypeError)
+    │   ├── InvalidJobSetting       (also a ValueError)
     │   └── PayloadTooLarge         (also a ValueError)
     ├── JobLoadError                a stored row could not be turned back into a job
     │   ├── MalformedPayload
@@ -32,11 +33,13 @@ A class's docstring is its default message, so ``raise UnknownJob()`` still says
 from __future__ import annotations
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
     "ConfigurationError",
     "DatabaseNotReady",
     "DispatchError",
     "FailJob",
     "InvalidDelay",
+    "InvalidJobSetting",
     "InvalidQueueName",
     "JobConstructionError",
     "JobDefinitionError",
@@ -56,6 +59,11 @@ __all__ = [
     "UnserializableJob",
     "brief",
 ]
+
+MAX_DELAY_SECONDS = 100 * 365 * 24 * 3600
+"""The longest any job may be made to wait (100 years): a dispatch delay, a retry delay, a
+job's ``retry_after`` or ``backoff_max``. Beyond it a due time is surely a mistake, and far
+beyond it no engine can store the time (MariaDB's DATETIME ends with the year 9999)."""
 
 
 class OutboxError(Exception):
@@ -82,7 +90,8 @@ class InvalidQueueName(DispatchError, ValueError):
 
 
 class InvalidDelay(DispatchError, ValueError):
-    """A delay must be non-negative seconds, a timedelta or a timezone-aware datetime."""
+    """A delay must be 0 to 100 years: seconds, a timedelta, or a timezone-aware datetime
+    from 1970-01-01 UTC to 100 years from now."""
 
 
 class NotAJob(DispatchError, TypeError):
@@ -91,6 +100,14 @@ class NotAJob(DispatchError, TypeError):
 
 class UnserializableJob(DispatchError, TypeError):
     """A job attribute cannot be stored as JSON."""
+
+
+class InvalidJobSetting(DispatchError, ValueError):
+    """A job setting (max_tries, timeout, ...) was set on the instance, or holds a bad value.
+
+    Settings configure the job's class: they never travel with the job as data, so a value
+    set on one instance after it was built would not reach the worker.
+    """
 
 
 class PayloadTooLarge(DispatchError, ValueError):
@@ -137,8 +154,13 @@ class RetryJob(OutboxError):
     """
 
     def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
-        if delay is not None and delay < 0:
-            raise InvalidDelay(f"RetryJob delay must be >= 0 seconds, got {delay!r}")
+        if delay is not None:
+            number = isinstance(delay, int | float) and not isinstance(delay, bool)
+            if not number or not 0 <= delay <= MAX_DELAY_SECONDS:  # NaN compares False
+                raise InvalidDelay(
+                    f"RetryJob delay must be a number of seconds from 0 to {MAX_DELAY_SECONDS} "
+                    f"(100 years), got {delay!r}"
+                )
         super().__init__(message or "the job asked to be retried")
         self.delay = delay
 

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
-from .errors import FailJob, JobLoadError, JobTimeout, LeaseExpired, RetryJob
+from .errors import FailJob, JobConstructionError, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, decode_payload, instantiate
 from .sql import Claimed
 from .threads import ThreadRunner
 
 __all__ = [
+    "DESCRIBE_MAX_CHARS",
     "Attempt",
     "Outcome",
     "Verdict",
@@ -57,22 +58,74 @@ class Outcome(NamedTuple):
 
 
 def load(claimed: Claimed) -> Job:
-    """The job instance stored in ``claimed``; raises a JobLoadError for a bad row."""
-    name, data = decode_payload(claimed.payload)
-    job = instantiate(name, data, claimed.queue)
+    """The job instance stored in ``claimed``; raises a JobLoadError for a bad row.
+
+    Whatever goes wrong, even a ``BaseException`` raised by the job's constructor, is a
+    JobLoadError: the worker then fails the row once instead of leaving it held.
+    """
+    try:
+        name, data = decode_payload(claimed.payload)
+        job = instantiate(name, data, claimed.queue)
+    except JobLoadError:
+        raise
+    except BaseException as exc:  # job code (__init__, a property setter) as in run()
+        raise JobConstructionError(
+            f"loading job id={claimed.id} raised {type(exc).__name__}: {exc}"
+        ) from exc
     job.__dict__["_attempt"] = claimed.attempts
     job.__dict__["_job_id"] = claimed.id
     return job
 
 
+# failed_jobs.exception is for people: the head and the tail of a longer text say what and
+# where; the middle of a 100 MB message or a runaway chain of causes does not.
+DESCRIBE_MAX_CHARS = 64 * 1024
+
+
 def describe(exc: BaseException) -> str:
-    """``Type: message`` then the traceback: what failed_jobs.exception holds."""
+    """``Type: message`` then the traceback: what failed_jobs.exception holds.
+
+    The text is storable on every engine: NUL (which PostgreSQL's text cannot hold) becomes
+    ``\\x00`` and a lone surrogate (which UTF-8 cannot encode) its ``\\udcff`` escape; of a
+    text longer than :data:`DESCRIBE_MAX_CHARS`, that many characters are kept, half from its
+    head and half from its tail.
+    """
     kind = type(exc)
     name = kind.__qualname__
     if kind.__module__ != "builtins":
         name = f"{kind.__module__}.{name}"
-    head = f"{name}: {exc}" if str(exc) else name
-    return head + "\n\n" + "".join(traceback.format_exception(exc)).rstrip()
+    message = _str(exc)
+    head = f"{name}: {message}" if message else name
+    try:
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+    except Exception as error:  # a __str__ that raises, a broken __traceback__
+        trace = f"(the traceback could not be formatted: {type(error).__name__})"
+    return _bounded(_storable(head + "\n\n" + trace), DESCRIBE_MAX_CHARS)
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as error:
+        return f"(str() of the exception raised {type(error).__name__})"
+
+
+def _storable(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def _bounded(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    note = f"\n\n[... {len(text) - limit} characters left out ...]\n\n"
+    return text[: limit // 2] + note + text[len(text) - (limit - limit // 2) :]
 
 
 _IS_ASYNC: dict[object, bool] = {}

@@ -5,17 +5,26 @@ name defaults to ``module.QualName`` and can be pinned with ``job_name = "..."``
 so that stored rows survive a refactor. A worker turns names back into classes only through the
 registry, which holds the Job subclasses its process has imported: a payload can never make the
 worker import a module or call anything that is not a Job.
+
+A job's *settings* (``queue``, ``max_tries``, ``timeout``, ...) are never data. They belong to
+the class, or to ``__init__``, which the worker runs again when it rebuilds the job: so nothing
+in a payload can change how the worker treats a job.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from . import backoff
 from .errors import (
+    MAX_DELAY_SECONDS,
+    InvalidDelay,
+    InvalidJobSetting,
     InvalidQueueName,
     JobConstructionError,
     JobDefinitionError,
@@ -28,7 +37,11 @@ from .errors import (
 from .schema import QUEUE_NAME_MAX
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
+    "MAX_PAYLOAD_DEPTH",
+    "SETTINGS",
     "Job",
+    "check_retry_delay",
     "decode_payload",
     "encode_payload",
     "instantiate",
@@ -38,9 +51,20 @@ __all__ = [
 
 _registry: dict[str, type[Job]] = {}
 
-# Attributes that configure the job rather than carry its data: the queue lives in its own
-# column, and the context the worker attaches (attempt, id) is never stored.
-_NOT_DATA = frozenset({"queue"})
+SETTINGS = frozenset(
+    {"queue", "max_tries", "timeout", "retry_after", "backoff", "backoff_max", "job_name"}
+)
+"""The attributes that configure a job. They are never stored as data: ``queue`` has its own
+column, and the worker takes the others from the class and ``__init__``."""
+
+# What the worker gives a running job and calls on it. Data by these names would hide it.
+_API = frozenset({"attempt", "job_id", "handle", "failed", "retry_delay"})
+# An instance carrying one of these is looked at closely (a queue set per dispatch is fine).
+_CHECKED = (SETTINGS - {"queue"}) | _API
+
+MAX_PAYLOAD_DEPTH = 30
+"""How deeply a payload may nest lists and dicts, counting its own two levels (the envelope
+and ``data``): an attribute's value may nest 28. MariaDB refuses JSON nested 32 deep."""
 
 
 def validate_queue_name(name: object) -> str:
@@ -57,6 +81,8 @@ def validate_queue_name(name: object) -> str:
         # PostgreSQL text cannot hold NUL: refuse it on every engine rather than fail (or,
         # for a worker's --queue, retry forever) with a driver error on one of them.
         raise InvalidQueueName(f"queue name {name!r} contains a NUL character")
+    if not name.isascii() and _lone_surrogate(name) is not None:
+        raise InvalidQueueName(f"queue name {name!r} contains a lone surrogate")
     if name != name.strip():
         # MySQL and MariaDB compare strings ignoring trailing spaces ("emails " would be the
         # queue "emails"); a name padded with whitespace is a mistake on any engine.
@@ -64,13 +90,42 @@ def validate_queue_name(name: object) -> str:
     return name
 
 
-def _positive_number(cls: type, attribute: str, value: object, *, allow_zero: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
-        bound = ">= 0" if allow_zero else "> 0"
-        raise JobDefinitionError(
-            f"{cls.__qualname__}.{attribute} must be a number {bound}, got {value!r}"
-        )
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the setting ``name``, or None. Range checks are
+    comparisons, which NaN fails and which never overflow (float() does, on huge ints)."""
+    if name == "max_tries":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return None if ok else f"must be an integer >= 1, got {value!r}"
+    if name == "backoff":
+        ok = isinstance(value, str) and value in ("fixed", "exponential")
+        return None if ok else f"must be 'fixed' or 'exponential', got {value!r}"
+    if name == "timeout":
+        ok = _is_number(value) and 0 < value < math.inf
+        return None if ok else f"must be a number of seconds > 0, got {value!r}"
+    if name in ("retry_after", "backoff_max"):
+        ok = _is_number(value) and 0 <= value <= MAX_DELAY_SECONDS
+        return None if ok else f"must be {_DELAY_RANGE}, got {value!r}"
+    return None
+
+
+_DELAY_RANGE = f"a number of seconds from 0 to {MAX_DELAY_SECONDS} (100 years)"
+
+
+def check_retry_delay(value: object) -> float:
+    """``value`` as the seconds to wait before a job's next attempt, or :class:`InvalidDelay`.
+
+    For what a job's own ``retry_delay()`` returns. A negative number means "at once" (0.0);
+    something that is not a number, NaN, or more than :data:`MAX_DELAY_SECONDS` (infinity
+    included) is refused: no engine can store the due time it leads to, and a job parked for
+    centuries is lost in all but name.
+    """
+    if not _is_number(value) or not value <= MAX_DELAY_SECONDS:  # type: ignore[operator]
+        raise InvalidDelay(f"a retry delay must be {_DELAY_RANGE}, got {value!r:.80}")
+    return float(max(0.0, value))  # type: ignore[call-overload]
 
 
 class Job:
@@ -90,6 +145,13 @@ class Job:
     ``backoff = "exponential"`` doubles the delay after each failed attempt (with jitter, up to
     ``backoff_max`` seconds); override :meth:`retry_delay` for anything else. ``job_name`` pins
     the name the job is stored under (default ``module.QualName``).
+
+    Settings are never stored with a job: the worker rebuilds it by calling the class with no
+    arguments, then sets the stored data. A setting may also be given in ``__init__``
+    (``self.max_tries = 5``), which runs there too; one set on an instance after that is
+    refused at dispatch (:class:`~routemq_outbox.errors.InvalidJobSetting`), since it would
+    not reach the worker. ``attempt``, ``job_id``, ``handle``, ``failed`` and ``retry_delay``
+    are not data names either.
 
     Jobs may run more than once (delivery is at-least-once): make ``handle()`` idempotent.
     """
@@ -158,17 +220,48 @@ class Job:
 
 def _check_class_attributes(cls: type[Job]) -> None:
     validate_queue_name(cls.queue)
-    if not isinstance(cls.max_tries, int) or isinstance(cls.max_tries, bool) or cls.max_tries < 1:
-        raise JobDefinitionError(
-            f"{cls.__qualname__}.max_tries must be an integer >= 1, got {cls.max_tries!r}"
+    name = cls.job_name
+    if "\x00" in name or _lone_surrogate(name) is not None:
+        raise JobDefinitionError(f"{cls.__qualname__}.job_name {name!r} cannot be stored")
+    for setting in sorted(SETTINGS - {"queue", "job_name"}):
+        problem = _setting_problem(setting, getattr(cls, setting))
+        if problem:
+            raise JobDefinitionError(f"{cls.__qualname__}.{setting} {problem}")
+
+
+def _check_instance_settings(job: Job, attributes: dict[str, Any]) -> None:
+    """Refuse settings on ``job`` that the worker would not see, and bad ones it would.
+
+    Settings never travel with the job: the worker rebuilds it by calling its class, so a
+    setting is honoured only if that call gives the same value, as when ``__init__`` sets it.
+    """
+    cls = type(job)
+    reserved = sorted(_API.intersection(attributes))
+    if reserved:
+        raise InvalidJobSetting(
+            f"{cls.__qualname__}: attribute {reserved[0]!r} is reserved (the worker sets or "
+            f"calls job.{reserved[0]}); give the data another name"
         )
-    _positive_number(cls, "timeout", cls.timeout, allow_zero=False)
-    _positive_number(cls, "retry_after", cls.retry_after, allow_zero=True)
-    _positive_number(cls, "backoff_max", cls.backoff_max, allow_zero=True)
-    if cls.backoff not in ("fixed", "exponential"):
-        raise JobDefinitionError(
-            f"{cls.__qualname__}.backoff must be 'fixed' or 'exponential', got {cls.backoff!r}"
-        )
+    try:
+        rebuilt = vars(cls())
+    except Exception as exc:
+        raise InvalidJobSetting(
+            f"{cls.__qualname__}: the worker builds jobs by calling {cls.__qualname__}(), "
+            f"which raised {type(exc).__name__}: {exc}"
+        ) from exc
+    for name in sorted(_CHECKED.intersection(attributes)):
+        value = attributes[name]
+        if name not in rebuilt or rebuilt[name] != value:
+            raise InvalidJobSetting(
+                f"{cls.__qualname__}: {name}={value!r:.80} was set on this instance after "
+                f"{cls.__qualname__}() built it. {name} is a job setting, not data, and the "
+                f"worker rebuilds the job by calling {cls.__qualname__}(), which gives "
+                f"{rebuilt.get(name, getattr(cls, name, None))!r:.80}: set it on the class or "
+                "in __init__, or give the data another name"
+            )
+        problem = _setting_problem(name, value)
+        if problem:
+            raise InvalidJobSetting(f"{cls.__qualname__}.{name} {problem}")
 
 
 def registered_jobs() -> dict[str, type[Job]]:
@@ -206,36 +299,116 @@ _encode = _payload_encoder()
 
 
 def _data(job: Job) -> dict[str, Any]:
-    return {k: v for k, v in vars(job).items() if not k.startswith("_") and k not in _NOT_DATA}
+    return {k: v for k, v in vars(job).items() if not k.startswith("_") and k not in SETTINGS}
 
 
-def _find_unserializable(
-    value: Any, path: str, inside: frozenset[int] = frozenset()
-) -> tuple[str, Any] | None:
-    """The first place inside ``value`` that JSON cannot hold, as (path, value).
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (UTF-8 cannot encode one), or None."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
 
-    A string holding NUL is JSON, but PostgreSQL's JSONB cannot store it; it is refused on
-    every engine so that a job dispatches the same everywhere.
-    """
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (\\x00), which PostgreSQL cannot store"
+    surrogate = None if text.isascii() else _lone_surrogate(text)
+    if surrogate is not None:
+        return f"holds a lone surrogate ({surrogate!r}), which UTF-8 cannot encode"
+    return None
+
+
+def _key_problem(key: object) -> str | None:
+    if isinstance(key, str):
+        return _text_problem(key)
+    if key is None or isinstance(key, int) or (isinstance(key, float) and math.isfinite(key)):
+        return None  # json writes these as strings
+    return f"is a {type(key).__name__}, which a JSON object's key cannot be"
+
+
+def _unstorable(
+    value: Any, depth: int, inside: frozenset[int] = frozenset()
+) -> tuple[str, str] | None:
+    """The first thing inside ``value`` (at ``depth`` levels of nesting in the payload) that
+    cannot be stored on every engine, as (its path below ``value``, what is wrong)."""
     if isinstance(value, str):
-        return (path, value) if "\x00" in value else None
+        problem = _text_problem(value)
+        return ("", problem) if problem else None
     if value is None or isinstance(value, bool | int):
         return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path, value)
-    if isinstance(value, dict | list | tuple):
-        if id(value) in inside:
-            return f"{path} (a reference to itself)", value
-        inside = inside | {id(value)}
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(value, dict) and (not isinstance(key, str) or "\x00" in key):
-                return f"{path} key {key!r}", key
-            found = _find_unserializable(item, f"{path}[{key!r}]", inside)
-            if found:
-                return found
+    if isinstance(value, float) and math.isfinite(value):
         return None
-    return path, value
+    kind = type(value).__name__
+    if not isinstance(value, dict | list | tuple):
+        return "", (
+            f"holds {kind} {value!r:.80}, which cannot be stored as JSON "
+            "(use str, int, float, bool, None, list, dict)"
+        )
+    if id(value) in inside:
+        return " (a reference to itself)", f"holds {kind} {value!r:.80}, which JSON cannot hold"
+    if depth >= MAX_PAYLOAD_DEPTH:
+        return "", (
+            f"nests lists and dicts too deeply: a payload may nest {MAX_PAYLOAD_DEPTH} levels, "
+            f"its own 2 included (an attribute's value {MAX_PAYLOAD_DEPTH - 2})"
+        )
+    inside |= {id(value)}
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        problem = _key_problem(key) if isinstance(value, dict) else None
+        if problem:
+            return f" key {key!r:.80}", problem
+        found = _unstorable(item, depth + 1, inside)
+        if found:
+            return f"[{key!r:.80}]{found[0]}", found[1]
+    return None
+
+
+def _refusal(job: Job, data: dict[str, Any]) -> UnserializableJob | None:
+    """The error naming what in ``job`` cannot be stored, or None if nothing is wrong."""
+    for attribute, value in data.items():
+        problem = _text_problem(attribute)
+        if problem:
+            where = f"attribute name {attribute!r}"
+        else:
+            found = _unstorable(value, 2)  # inside the envelope and its "data"
+            if not found:
+                continue
+            path, problem = found
+            where = f"attribute {attribute!r}" + (f" at {attribute}{path}" if path else "")
+        return UnserializableJob(f"{type(job).__qualname__}: {where} {problem}")
+    return None
+
+
+_SHORTEST_TOO_DEEP = 2 * (MAX_PAYLOAD_DEPTH + 1) + len('"job":"","data":')
+_CONTAINERS = (dict, list, tuple)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _nests_deeper(value: dict[str, Any] | list[Any] | tuple[Any, ...], room: int) -> bool:
+    """Whether the container ``value`` nests more than ``room`` levels (itself included)."""
+    if room <= 0:
+        return True
+    for child in value.values() if isinstance(value, dict) else value:
+        # Exact types first: isinstance() is the slow part of this walk.
+        if type(child) in _SCALARS or not isinstance(child, _CONTAINERS):
+            continue
+        if _nests_deeper(child, room - 1):
+            return True
+    return False
+
+
+# A float json wrote with a positive exponent (1e+20), or a string, which is left alone.
+_EXPONENT_OR_STRING = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|-?\d+(?:\.\d+)?e\+\d+')
+
+
+def _positional(match: re.Match[str]) -> str:
+    if match.group(1):
+        return match.group(1)
+    # The same number without exponent, which keeps its ".0": PostgreSQL's JSONB stores
+    # numbers as decimals and would give 1e+20 back as 100000000000000000000, an int.
+    return f"{Decimal(match.group(0)):f}.0"
 
 
 def encode_payload(job: object, *, max_bytes: int) -> str:
@@ -244,24 +417,44 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
         raise NotAJob(
             f"expected an instance of a routemq_outbox.Job subclass, got {type(job).__name__}"
         )
-    data = _data(job)
+    attributes = vars(job)
+    if not _CHECKED.isdisjoint(attributes):
+        _check_instance_settings(job, attributes)
+    data = {k: v for k, v in attributes.items() if not k.startswith("_") and k not in SETTINGS}
+    name = type(job).job_name
     try:
-        text = _encode({"job": type(job).job_name, "data": data})
+        text = _encode({"job": name, "data": data})
     except (TypeError, ValueError, RecursionError) as exc:
-        for attribute, value in data.items():
-            found = _find_unserializable(value, attribute)
-            if found:
-                path, bad = found
-                where = f"attribute {attribute!r}" + ("" if path == attribute else f" at {path}")
-                raise UnserializableJob(
-                    f"{type(job).__qualname__}: {where} holds {type(bad).__name__} {bad!r:.80}, "
-                    "which cannot be stored as JSON (use str, int, float, bool, None, list, dict)"
-                ) from None
-        raise UnserializableJob(f"{type(job).__qualname__}: {exc}") from None  # pragma: no cover
-    if "\\u0000" in text:  # rare: only then look for the NUL, to name where it is
-        _refuse_nul(job, data)
-    # UTF-8 takes at most 4 bytes a character: only long texts need encoding to be measured.
-    size = len(text) if len(text) * 4 <= max_bytes else len(text.encode())
+        raise _refusal(job, data) or UnserializableJob(f"{type(job).__qualname__}: {exc}") from None
+    # Each check below is a scan in C of the text the encoder just wrote; the walk that
+    # names the culprit runs only when one of them finds something.
+    if "\\u0000" in text:  # a NUL, or a string holding a backslash then "u0000"
+        refusal = _refusal(job, data)
+        if refusal:
+            raise refusal
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise _refusal(job, data) or UnserializableJob(
+                f"{type(job).__qualname__}: {exc}"
+            ) from None
+    # Two bounds in C before any walk: nesting past the limit takes that many brackets
+    # twice over, besides '"job":"<name>","data":', and no fewer brackets than levels.
+    if (
+        len(text) - len(name) >= _SHORTEST_TOO_DEEP
+        and text.count("[") + text.count("{") > MAX_PAYLOAD_DEPTH
+        and _nests_deeper(data, MAX_PAYLOAD_DEPTH - 1)  # "data" is the second level
+    ):
+        raise _refusal(job, data) or UnserializableJob(
+            f"{type(job).__qualname__}: the payload nests more than {MAX_PAYLOAD_DEPTH} levels"
+        )
+    if "e+" in text:
+        positional = _EXPONENT_OR_STRING.sub(_positional, text)
+        size += len(positional) - len(text)
+        text = positional
     if size > max_bytes:
         raise PayloadTooLarge(
             f"{type(job).__qualname__}: payload is {size} bytes; the limit is {max_bytes} "
@@ -270,28 +463,15 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
     return text
 
 
-def _refuse_nul(job: Job, data: dict[str, Any]) -> None:
-    for attribute, value in data.items():
-        if "\x00" in attribute:
-            where = f"attribute name {attribute!r}"
-        else:
-            found = _find_unserializable(value, attribute)
-            if not found:
-                continue
-            path = found[0]
-            where = f"attribute {attribute!r}" + ("" if path == attribute else f" at {path}")
-        raise UnserializableJob(
-            f"{type(job).__qualname__}: {where} holds a NUL character (\\x00), "
-            "which PostgreSQL cannot store"
-        )
-
-
 def decode_payload(text: str | bytes) -> tuple[str, dict[str, Any]]:
     """Parse stored JSON text into (job name, data); raises MalformedPayload."""
     try:
         document = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise MalformedPayload(f"payload is not valid JSON ({exc}): {str(text)[:200]!r}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MalformedPayload(
+            f"payload is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}): "
+            f"{str(text)[:200]!r}"
+        ) from None
     if not isinstance(document, dict):
         raise MalformedPayload(f"payload must be a JSON object, got {type(document).__name__}")
     name, data = document.get("job"), document.get("data", {})
@@ -302,11 +482,19 @@ def decode_payload(text: str | bytes) -> tuple[str, dict[str, Any]]:
     private = sorted(key for key in data if key.startswith("_"))
     if private:
         raise MalformedPayload(f"payload of job {name!r} sets private attributes {private}")
+    if not _API.isdisjoint(data):
+        reserved = sorted(_API.intersection(data))
+        raise MalformedPayload(f"payload of job {name!r} sets reserved attributes {reserved}")
     return name, data
 
 
 def instantiate(name: str, data: dict[str, Any], queue: str) -> Job:
-    """Build the job registered as ``name`` from its data; raises a JobLoadError."""
+    """Build the job registered as ``name`` from its data; raises a JobLoadError.
+
+    Settings in ``data`` are ignored: the class and ``__init__`` decide them. (Rows written
+    before settings were kept out of payloads may carry them.) Settings ``__init__`` sets are
+    checked here, since the worker acts on them.
+    """
     cls = _registry.get(name)
     if cls is None:
         raise UnknownJob(
@@ -316,10 +504,17 @@ def instantiate(name: str, data: dict[str, Any], queue: str) -> Job:
     try:
         job = cls()
         for key, value in data.items():
-            setattr(job, key, value)
+            if key not in SETTINGS:
+                setattr(job, key, value)
     except Exception as exc:
         raise JobConstructionError(
             f"constructing {name} raised {type(exc).__name__}: {exc}"
         ) from exc
+    attributes = vars(job)
+    if not _CHECKED.isdisjoint(attributes):
+        for setting in sorted(_CHECKED.intersection(attributes)):
+            problem = _setting_problem(setting, attributes[setting])
+            if problem:
+                raise JobConstructionError(f"{name}: {cls.__qualname__}().{setting} {problem}")
     job.queue = queue
     return job

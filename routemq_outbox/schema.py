@@ -33,6 +33,8 @@ __all__ = [
     "jobs",
     "metadata",
     "seconds_since",
+    "statement_now",
+    "statement_now_plus",
 ]
 
 QUEUE_NAME_MAX = 255
@@ -154,6 +156,52 @@ def _seconds(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(db_now_plus, "postgresql")
 def _now_plus_postgresql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
     return f"(now() + make_interval(secs => {_seconds(element, compiler, **kw)}))"
+
+
+class statement_now(FunctionElement[datetime]):
+    """The database's UTC time when the current statement began: when a job was dispatched.
+
+    On PostgreSQL ``now()`` (:class:`db_now`) is when the *transaction* began, so a job
+    dispatched a minute into a transaction with a 10 s delay would be due 50 s after the
+    call; ``statement_timestamp()`` is the call's own time, and the same for every row of a
+    bulk. Elsewhere :class:`db_now` already is the statement's time.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "statement_now"
+
+
+class statement_now_plus(FunctionElement[datetime]):
+    """:class:`statement_now` plus a number of seconds (a float expression)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "statement_now_plus"
+
+
+@compiles(statement_now)
+def _statement_now(element: statement_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(db_now(), **kw)
+
+
+@compiles(statement_now, "postgresql")
+def _statement_now_postgresql(element: statement_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "statement_timestamp()"
+
+
+@compiles(statement_now_plus)
+def _statement_now_plus(element: statement_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return compiler.process(db_now_plus(seconds), **kw)
+
+
+@compiles(statement_now_plus, "postgresql")
+def _statement_now_plus_postgresql(
+    element: statement_now_plus, compiler: SQLCompiler, **kw: Any
+) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(statement_timestamp() + make_interval(secs => {seconds}))"
 
 
 @compiles(db_now_plus, "sqlite")

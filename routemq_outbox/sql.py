@@ -43,6 +43,8 @@ from .schema import (
     failed_jobs,
     jobs,
     seconds_since,
+    statement_now,
+    statement_now_plus,
 )
 
 __all__ = [
@@ -107,11 +109,12 @@ def _when(available: Availability) -> str:
 
 
 def _available_at(when: str) -> sa.ColumnElement[datetime]:
+    # The statement's time, not the transaction's: a delay counts from the dispatch call.
     if when == "now":
-        return db_now()
+        return statement_now()
     if when == "at":
         return sa.bindparam("available_at", type_=UTCDateTime())
-    return db_now_plus(sa.bindparam("delay", type_=sa.Float()))
+    return statement_now_plus(sa.bindparam("delay", type_=sa.Float()))
 
 
 def _available_params(available: Availability) -> dict[str, Any]:
@@ -146,11 +149,12 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
             .render_derived(name="source")
         )
         stmt: Any = sa.insert(jobs).from_select(
-            ["queue", "payload", "available_at"],
+            ["queue", "payload", "available_at", "created_at"],
             sa.select(
                 source.c.item.op("->>", return_type=sa.String())(0),
                 source.c.item.op("->", return_type=Payload())(1),
                 available_at,
+                statement_now(),
             ).order_by(source.c.position),
         )
     else:
@@ -161,6 +165,7 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
                 queue=sa.bindparam("queue", type_=sa.String()),
                 payload=sa.bindparam("payload", type_=Payload()),
                 available_at=available_at,
+                created_at=statement_now(),
             )
             .inline()
         )
@@ -215,11 +220,12 @@ def _insert_from_json(available_at: sa.ColumnElement[datetime]) -> sa.Insert:
             sa.literal_column("source.queue", sa.String()),
             sa.literal_column("source.payload", sa.Text()),
             available_at,
+            statement_now(),
         )
         .select_from(_JSON_ROWS)
         .order_by(sa.literal_column("source.position"))
     )
-    return sa.insert(jobs).from_select(["queue", "payload", "available_at"], source)
+    return sa.insert(jobs).from_select(["queue", "payload", "available_at", "created_at"], source)
 
 
 def _json_chunks(rows: Sequence[tuple[str, str]]) -> Iterator[str]:

@@ -356,7 +356,7 @@ async def insert_raw(engine: AsyncEngine, payload: str, queue_name: str = "defau
         ),
         (
             '{"job": "tests.record", "data": {"key": "x", "attempt": 3}}',
-            "JobConstructionError: constructing tests.record raised AttributeError",
+            "MalformedPayload: payload of job 'tests.record' sets reserved attributes ['attempt']",
         ),
     ],
 )
