@@ -19,7 +19,6 @@ runs on all of them.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
@@ -39,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from routemq_outbox.config import redact
-from routemq_outbox.database import create_engine, create_sync_engine
+from routemq_outbox.database import create_engine, create_sync_engine, dispose_sync_engines
 from routemq_outbox.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,17 +299,11 @@ def _no_stray_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-async def _dispose_shared_engines() -> AsyncIterator[None]:
-    """Close the engines dispatch opened without a session, before the database is dropped."""
+def _dispose_shared_sync_engines() -> Iterator[None]:
+    """Close the blocking engines dispatch_sync opened without a session, before the test's
+    database is dropped. (The async ones close with the test's event loop.)"""
     yield
-    from routemq_outbox import database
-
-    engines = database._async_engines.pop(asyncio.get_running_loop(), {})
-    for engine in engines.values():
-        await engine.dispose()
-    for sync in database._sync_engines.values():
-        sync.dispose()
-    database._sync_engines.clear()
+    dispose_sync_engines()
 
 
 @pytest.fixture
