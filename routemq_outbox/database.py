@@ -469,8 +469,11 @@ def create_sync_engine(
 # generators before closing the loop, which is the only hook asyncio gives into a loop's end.
 # Without it, the pooled connections of every short-lived loop (``asyncio.run(dispatch(…))``
 # per request or per script) would stay open, and keep their loop alive, until the server
-# ran out of connections. A loop closed without that step is forgotten the next time a new
-# loop asks for an engine, and its connections go with the garbage.
+# ran out of connections. A loop closed without that step (a hand-written
+# new_event_loop()/run_until_complete()/close() that skips loop.shutdown_asyncgens(), as
+# asyncio's documentation asks) is forgotten the next time a new loop asks for an engine; its
+# connections then close only when the garbage collector frees them, since nothing can be
+# awaited on a closed loop.
 _lock = threading.Lock()
 _loop_engines: dict[asyncio.AbstractEventLoop, dict[str, AsyncEngine]] = {}
 _loop_closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}

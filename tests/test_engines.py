@@ -259,6 +259,10 @@ async def test_sqlite_transactions_take_the_write_lock_at_their_first_write(
         conn = await conn.execution_options(sqlite_begin="immediate")
         await conn.execute(sa.text("SELECT count(*) FROM jobs"))
         assert not _write_lock_is_free(path)
+    session = AsyncSession(engine.execution_options(sqlite_begin="immediate"))
+    async with session, session.begin():
+        await session.execute(sa.text("SELECT 1"))
+        assert not _write_lock_is_free(path)
     immediate = create_engine(sqlite_url, sqlite_begin="immediate")
     async with immediate.begin() as conn:
         await conn.execute(sa.text("SELECT 1"))
