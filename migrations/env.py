@@ -45,7 +45,9 @@ def run_on(connection: Connection) -> None:
 
 
 async def run_online() -> None:
-    engine = create_engine(url, poolclass=NullPool)
+    # IMMEDIATE: two migrations at once take turns, the second reading the version the first
+    # wrote, instead of both starting from the same revision.
+    engine = create_engine(url, poolclass=NullPool, create_file=True, sqlite_begin="immediate")
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_on)

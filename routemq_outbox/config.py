@@ -88,6 +88,12 @@ def _parse(url: str | URL) -> URL:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(f"invalid database URL {redact(url)!r}: {exc}") from None
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        # Otherwise the driver's OverflowError surfaces deep inside the first connection.
+        raise ConfigurationError(
+            f"invalid database URL {redact(parsed)!r}: port {parsed.port} is not between 1 "
+            "and 65535"
+        )
     if parsed.get_backend_name() not in _FAMILY:
         raise ConfigurationError(
             f"unsupported database {parsed.get_backend_name()!r} in {redact(parsed)!r}: "

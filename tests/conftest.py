@@ -1,9 +1,11 @@
 """Fixtures: every test gets fresh, migrated databases.
 
-PostgreSQL: pytest-postgresql starts a throwaway server (needs PostgreSQL installed and a
-non-root user), or, when ``ROUTEMQ_OUTBOX_TEST_POSTGRESQL`` names a running server (e.g.
-``postgresql://postgres@127.0.0.1:5432/postgres``), uses that one. Either way the migrations
-run once into a template database and each test gets its own clone.
+PostgreSQL: the server named by ``ROUTEMQ_OUTBOX_TEST_POSTGRESQL`` (e.g.
+``postgresql://postgres@127.0.0.1:5432/postgres``; CI sets it), else the one at
+127.0.0.1:5432 if the postgres user may connect to it, else a throwaway server that
+pytest-postgresql starts (as root, one that runs as the postgres user, since PostgreSQL refuses
+root). Either way the migrations run once into a template database and each test gets its own
+clone.
 
 SQLite: the migrated file is made once per session and copied for each test.
 
@@ -19,7 +21,6 @@ runs on all of them.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
@@ -30,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from pytest_postgresql import factories
@@ -39,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from routemq_outbox.config import redact
-from routemq_outbox.database import create_engine, create_sync_engine
+from routemq_outbox.database import create_engine, create_sync_engine, dispose_sync_engines
 from routemq_outbox.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,13 @@ MYSQL_ENV = "ROUTEMQ_OUTBOX_TEST_MYSQL"
 MYSQL_SERVER = os.environ.get(MYSQL_ENV, "")
 MYSQL_LOCAL = "mysql://root@127.0.0.1:3306/test"
 TEST_DBNAME = f"routemq_outbox_test_{os.getpid()}"
+PG_LOCAL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _migrate_template(
@@ -57,37 +66,66 @@ def _migrate_template(
     upgrade(url.render_as_string(hide_password=False))
 
 
-def _pg_server_fixture() -> Callable[..., Any]:
-    server = os.environ.get(PG_ENV)
-    if server:
-        url = make_url(server)
-        return factories.postgresql_noproc(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            dbname=TEST_DBNAME,
-            maintenance_dbname=url.database or "postgres",
-            load=[_migrate_template],
-        )
-    return factories.postgresql_proc(dbname=TEST_DBNAME, load=[_migrate_template])
+def _noproc(url: sa.URL) -> Callable[..., Any]:
+    return factories.postgresql_noproc(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        dbname=TEST_DBNAME,
+        maintenance_dbname=url.database or "postgres",
+        load=[_migrate_template],
+    )
 
 
-pg_server = _pg_server_fixture()
+def _local_pg_answers() -> bool:
+    try:
+        psycopg.connect(PG_LOCAL, connect_timeout=3).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
+PRIVATE_PG_PORT = free_port()
+_pg_named = _noproc(make_url(os.environ.get(PG_ENV) or PG_LOCAL))
+_pg_private = _noproc(make_url(f"postgresql://postgres@127.0.0.1:{PRIVATE_PG_PORT}/postgres"))
+_pg_proc = factories.postgresql_proc(dbname=TEST_DBNAME, load=[_migrate_template])
+
+
+@pytest.fixture(scope="session")
+def _private_pg_running() -> Iterator[None]:
+    """pytest-postgresql's own server cannot run as root: as root, run one as the postgres
+    user, as the reliability tests do."""
+    from .processes import PrivatePostgres
+
+    server = PrivatePostgres(port=PRIVATE_PG_PORT)
+    try:
+        server.start()
+        yield
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Any:
+    """The PostgreSQL server of the tests: the one ROUTEMQ_OUTBOX_TEST_POSTGRESQL names, else
+    the one at 127.0.0.1:5432 if it lets the postgres user in, else a throwaway server."""
+    if os.environ.get(PG_ENV) or _local_pg_answers():
+        return request.getfixturevalue("_pg_named")
+    if os.geteuid() == 0:
+        request.getfixturevalue("_private_pg_running")
+        return request.getfixturevalue("_pg_private")
+    if shutil.which("pg_ctl") is None and shutil.which("pg_config") is None:
+        pytest.skip(f"PostgreSQL is not installed: install it, or set {PG_ENV}")
+    return request.getfixturevalue("_pg_proc")
+
+
 _pg_client = factories.postgresql("pg_server")
 
 
 @pytest.fixture
 def pg_url(request: pytest.FixtureRequest) -> str:
     """URL of a fresh, migrated PostgreSQL database for this test."""
-    if not os.environ.get(PG_ENV):
-        if os.geteuid() == 0:
-            pytest.fail(
-                f"PostgreSQL refuses to run as root: set {PG_ENV}="
-                "postgresql://postgres@127.0.0.1:5432/postgres to test against a running server"
-            )
-        if shutil.which("pg_ctl") is None and shutil.which("pg_config") is None:
-            pytest.skip(f"PostgreSQL is not installed: install it, or set {PG_ENV}")
     conn = request.getfixturevalue("_pg_client")
     info = conn.info
     url = sa.URL.create(
@@ -300,17 +338,11 @@ def _no_stray_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-async def _dispose_shared_engines() -> AsyncIterator[None]:
-    """Close the engines dispatch opened without a session, before the database is dropped."""
+def _dispose_shared_sync_engines() -> Iterator[None]:
+    """Close the blocking engines dispatch_sync opened without a session, before the test's
+    database is dropped. (The async ones close with the test's event loop.)"""
     yield
-    from routemq_outbox import database
-
-    engines = database._async_engines.pop(asyncio.get_running_loop(), {})
-    for engine in engines.values():
-        await engine.dispose()
-    for sync in database._sync_engines.values():
-        sync.dispose()
-    database._sync_engines.clear()
+    dispose_sync_engines()
 
 
 @pytest.fixture
@@ -352,9 +384,3 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -98,14 +98,14 @@ class PrivatePostgres:
     As root (CI), the server runs as the ``postgres`` user, since PostgreSQL refuses root.
     """
 
-    def __init__(self, *settings: str) -> None:
+    def __init__(self, *settings: str, port: int | None = None) -> None:
         """``settings`` are extra server settings, e.g. ``"max_connections=300"``."""
         self.settings = settings
         bindir = _postgres_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
         self.bindir = bindir
-        self.port = free_port()
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="routemq-outbox-pg-"))
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"

@@ -472,10 +472,25 @@ def test_health_fails_on_an_empty_database_until_migrated(empty_pg_url: str) -> 
 
 
 def test_health_fails_on_an_empty_sqlite_file(tmp_path: Path) -> None:
+    (tmp_path / "new.db").touch()
     url = f"sqlite+aiosqlite:///{tmp_path / 'new.db'}"
     assert refused(1, "health", "--database-url", url).stderr.endswith(
         "is not migrated: run routemq-outbox migrate\n"
     )
+
+
+def test_commands_refuse_a_missing_sqlite_file_instead_of_creating_it(tmp_path: Path) -> None:
+    path = tmp_path / "mistyped.db"
+    url = f"sqlite:///{path}"
+    for command in (["health"], ["stats"], ["size"], ["failed", "list"], ["clear", "x", "--yes"]):
+        assert refused(2, *command, "--database-url", url).stderr == (
+            f"routemq-outbox: no SQLite database at {path}: check the database URL, or "
+            "create the database with routemq-outbox migrate\n"
+        )
+    assert not path.exists()
+
+    ok("migrate", "--database-url", url)
+    ok("health", "--database-url", url)
 
 
 def test_health_fails_on_an_unreachable_database_without_showing_the_password() -> None:

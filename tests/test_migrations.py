@@ -82,7 +82,7 @@ def dump_schema(url: str) -> dict[str, Any]:
 
 
 def create_from_models(url: str) -> None:
-    engine = create_sync_engine(url)
+    engine = create_sync_engine(url, create_file=True)
     with engine.begin() as conn:
         metadata.create_all(conn)
     engine.dispose()
