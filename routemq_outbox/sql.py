@@ -772,6 +772,14 @@ class Taken:
 
 _TAKEN = (failed_jobs.c.id, failed_jobs.c.uuid, failed_jobs.c.queue, _FAILED_PAYLOAD)
 _REF_CHUNK = 1000  # ids per statement: well within every engine's parameter limit
+# MySQL/MariaDB: the rows just locked, one statement per row. ``DELETE … WHERE id IN (…)``
+# becomes a full scan once the ids are a large share of the rows the optimiser believes the
+# table holds (FORCE INDEX does not prevent it), and that scan waits for the rows a concurrent
+# caller has locked while that caller's scan waits for ours: a deadlock. A primary key
+# equality has one plan, which reads only its row.
+_DELETE_FAILED_BY_ID = sa.delete(failed_jobs).where(
+    failed_jobs.c.id == sa.bindparam("id", type_=sa.BigInteger())
+)
 
 
 async def _take_failed(
@@ -790,9 +798,7 @@ async def _take_failed(
             pick = pick.with_for_update()
         rows = list((await conn.execute(pick)).all())
         if rows:
-            await conn.execute(
-                sa.delete(failed_jobs).where(failed_jobs.c.id.in_([row.id for row in rows]))
-            )
+            await conn.execute(_DELETE_FAILED_BY_ID, [{"id": row.id} for row in rows])
         return rows
     if limit is None:
         stmt = sa.delete(failed_jobs).where(*where)

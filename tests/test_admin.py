@@ -6,6 +6,7 @@ types them, and checks both what they print and what the tables hold afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,8 +20,10 @@ from typer.testing import CliRunner, Result
 
 from routemq_outbox import FailJob, Job, admin, queue
 from routemq_outbox.cli import app
+from routemq_outbox.database import create_engine
 from routemq_outbox.migrate import VERSION_TABLE, head_revision
 from routemq_outbox.schema import db_now, db_now_plus, failed_jobs, jobs
+from routemq_outbox.sql import family
 
 from . import jobs as test_jobs
 from .conftest import free_port
@@ -350,6 +353,62 @@ def test_failed_retry_all_in_batches_and_by_queue(db_url: str, sync_engine: sa.E
     assert failed_ids(sync_engine) == []
     assert len(job_rows(sync_engine)) == 7
     assert ok("failed", "retry", "--all").stdout == "retried 0 failed jobs\n"
+
+
+async def test_concurrent_retry_all_never_deadlocks_and_moves_each_job_once(db_url: str) -> None:
+    """Callers racing over a small failed_jobs table: each takes a batch the other skips, so
+    a delete of its own batch that read beyond it would wait for the other's rows while the
+    other waits for its own (MariaDB plans such a delete as a full scan once the batch is a
+    large share of the table, whatever the statistics say)."""
+    engines = [create_engine(db_url) for _ in range(3)]
+    setup, callers = engines[0], engines[1:]
+    total = 150
+    try:
+        for round_ in range(8):
+            async with setup.begin() as conn:
+                await conn.execute(sa.delete(jobs))
+                await conn.execute(
+                    sa.insert(failed_jobs),
+                    [
+                        {
+                            "uuid": str(uuid.uuid4()),
+                            "connection": "default",
+                            "queue": "default",
+                            "payload": json.dumps({"job": "tests.record", "data": {"key": i}}),
+                            "exception": "ValueError: boom",
+                            "attempts": 3,
+                            "job_id": i,
+                        }
+                        for i in range(total)
+                    ],
+                )
+            if round_ == 0:
+                async with setup.connect() as conn:
+                    await conn.execute(sa.text(ANALYZE[family(setup.dialect.name)]))
+                    await conn.commit()
+            moved = await asyncio.gather(
+                *(admin.retry_failed(caller, all=True, batch_size=50) for caller in callers)
+            )
+            assert sum(moved) == total, moved
+            async with setup.connect() as conn:
+                keys = (
+                    await conn.execute(
+                        sa.select(sa.cast(jobs.c.payload, sa.Text)).order_by(jobs.c.id)
+                    )
+                ).scalars()
+                assert sorted(json.loads(key)["data"]["key"] for key in keys) == list(range(total))
+                left = await conn.execute(sa.select(sa.func.count()).select_from(failed_jobs))
+                assert left.scalar_one() == 0
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+ANALYZE = {
+    "postgresql": "ANALYZE failed_jobs",
+    "sqlite": "ANALYZE failed_jobs",
+    "mysql": "ANALYZE TABLE failed_jobs",
+}
 
 
 # ----------------------------------------------------------------------------- delete
