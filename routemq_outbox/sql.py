@@ -55,11 +55,9 @@ __all__ = [
     "claim",
     "claim_statement_text",
     "clear_queue",
-    "counts_by_queue_statement",
     "delete_failed",
     "explain_claim",
     "extend_leases",
-    "failed_by_queue_statement",
     "failed_by_refs",
     "failed_page",
     "family",
@@ -70,9 +68,9 @@ __all__ = [
     "known_queues",
     "move_to_failed",
     "newest_failed_id",
-    "oldest_due_statement",
     "prune_failed",
     "queue_counts",
+    "queue_counts_statement",
     "queue_exists",
     "queue_size",
     "release",
@@ -572,9 +570,9 @@ async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord
 # ------------------------------------------------------------------------------- operating
 #
 # What ``routemq-outbox stats``, ``failed …``, ``clear`` and ``health`` run, and the worker's
-# queue depth gauges. The three counting statements are the README's "Queue size in SQL"
-# queries (with the library's clock, which on SQLite has milliseconds where the README's
-# ``CURRENT_TIMESTAMP`` has seconds); a test runs the README's text and compares.
+# queue depth gauges. The counts are those of the README's "Queue size in SQL" queries (with
+# the library's clock, which on SQLite has milliseconds where the README's
+# ``CURRENT_TIMESTAMP`` has seconds); a test compares them.
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,51 +591,60 @@ def _queue_filter(column: sa.ColumnElement[str], queues: Sequence[str] | None) -
     return [] if queues is None else [column.in_(list(queues))]
 
 
-def _count_if(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
-    return sa.func.sum(sa.case((condition, 1), else_=0))
+def queue_counts_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
+    """Per queue (every queue with rows, or those of ``queues`` that have some): pending,
+    delayed, reserved and failed jobs, and the age in seconds of the oldest waiting job
+    (negative when none is due yet).
 
-
-def counts_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "by queue": pending (due now), delayed and reserved jobs of every queue."""
-    waiting = jobs.c.reserved_at.is_(None)
-    return (
+    One statement, so one snapshot: counted apart, a queue could get its first job between
+    two counts and appear in one and not the other. Each part reads an index, never the table:
+    waiting jobs the claim index, reserved ones the lease index (``lease_expires_at`` is set
+    exactly when ``reserved_at`` is, and naming both lets PostgreSQL and SQLite use their
+    partial index and MySQL its full one), failed jobs their queue index.
+    """
+    nothing = sa.literal_column("0", sa.Integer())
+    due = sa.case(
+        (jobs.c.available_at <= db_now(), sa.literal_column("1", sa.Integer())), else_=nothing
+    )
+    waiting = (
         sa.select(
-            jobs.c.queue,
-            _count_if(sa.and_(waiting, jobs.c.available_at <= db_now())).label("pending"),
-            _count_if(sa.and_(waiting, jobs.c.available_at > db_now())).label("delayed"),
-            _count_if(jobs.c.reserved_at.isnot(None)).label("reserved"),
+            jobs.c.queue.label("queue"),
+            sa.func.sum(due).label("pending"),
+            sa.func.count().label("waiting"),
+            nothing.label("reserved"),
+            nothing.label("failed"),
+            sa.func.min(jobs.c.available_at).label("oldest"),
         )
-        .where(*_queue_filter(jobs.c.queue, queues))
+        .where(jobs.c.reserved_at.is_(None), *_queue_filter(jobs.c.queue, queues))
         .group_by(jobs.c.queue)
-        .order_by(jobs.c.queue)
     )
-
-
-def failed_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "failed by queue"."""
-    return (
-        sa.select(failed_jobs.c.queue, sa.func.count().label("failed"))
-        .where(*_queue_filter(failed_jobs.c.queue, queues))
-        .group_by(failed_jobs.c.queue)
-        .order_by(failed_jobs.c.queue)
-    )
-
-
-def oldest_due_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "oldest due age": seconds the oldest due job of each queue has waited since it
-    became due (its ``available_at``)."""
-    return (
-        sa.select(
-            jobs.c.queue,
-            seconds_since(sa.func.min(jobs.c.available_at)).label("oldest_due_age"),
-        )
+    reserved = (
+        sa.select(jobs.c.queue, nothing, nothing, sa.func.count(), nothing, sa.null())
         .where(
-            jobs.c.reserved_at.is_(None),
-            jobs.c.available_at <= db_now(),
+            jobs.c.reserved_at.isnot(None),
+            jobs.c.lease_expires_at.isnot(None),
             *_queue_filter(jobs.c.queue, queues),
         )
         .group_by(jobs.c.queue)
-        .order_by(jobs.c.queue)
+    )
+    failed = (
+        sa.select(failed_jobs.c.queue, nothing, nothing, nothing, sa.func.count(), sa.null())
+        .where(*_queue_filter(failed_jobs.c.queue, queues))
+        .group_by(failed_jobs.c.queue)
+    )
+    parts = sa.union_all(waiting, reserved, failed).subquery("parts")
+    pending = sa.func.sum(parts.c.pending)
+    return (
+        sa.select(
+            parts.c.queue,
+            pending.label("pending"),
+            (sa.func.sum(parts.c.waiting) - pending).label("delayed"),
+            sa.func.sum(parts.c.reserved).label("reserved"),
+            sa.func.sum(parts.c.failed).label("failed"),
+            seconds_since(sa.func.min(parts.c.oldest)).label("oldest_age"),
+        )
+        .group_by(parts.c.queue)
+        .order_by(parts.c.queue)
     )
 
 
@@ -646,21 +653,22 @@ async def queue_counts(
 ) -> list[QueueCounts]:
     """Counts of every queue that has jobs or failed jobs (or of ``queues``, zeros included)."""
     async with engine.connect() as conn:
-        counts = (await conn.execute(counts_by_queue_statement(queues))).all()
-        failed = (await conn.execute(failed_by_queue_statement(queues))).all()
-        ages = (await conn.execute(oldest_due_statement(queues))).all()
-    merged: dict[str, dict[str, Any]] = {name: {} for name in queues or ()}
-    for row in counts:
-        merged.setdefault(row.queue, {}).update(
-            pending=int(row.pending), delayed=int(row.delayed), reserved=int(row.reserved)
-        )
-    for row in failed:
-        merged.setdefault(row.queue, {})["failed"] = int(row.failed)
-    for row in ages:
-        if row.oldest_due_age is not None:
+        rows = (await conn.execute(queue_counts_statement(queues))).all()
+    found = {
+        row.queue: QueueCounts(
+            row.queue,
+            pending=int(row.pending),
+            delayed=int(row.delayed),
+            reserved=int(row.reserved),
+            failed=int(row.failed),
             # never negative: the clock's sub-second rounding can put "due" a hair ahead
-            merged[row.queue]["oldest_due_age"] = max(0.0, float(row.oldest_due_age))
-    return [QueueCounts(name, **merged[name]) for name in sorted(merged)]
+            oldest_due_age=max(0.0, float(row.oldest_age)) if row.pending else None,
+        )
+        for row in rows
+    }
+    for name in queues or ():
+        found.setdefault(name, QueueCounts(name))
+    return [found[name] for name in sorted(found)]
 
 
 async def queue_size(engine: AsyncEngine, queue: str) -> int:

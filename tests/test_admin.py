@@ -203,6 +203,38 @@ def test_stats_counts_every_queue(db_url: str, sync_engine: sa.Engine) -> None:
     assert [row["queue"] for row in only["queues"]] == ["emails"]
 
 
+async def test_stats_while_a_producer_opens_new_queues(db_url: str) -> None:
+    """Each stats call sees one moment: a queue whose first job commits meanwhile is either
+    absent or counted whole, with the age of its due job."""
+    reader, writer = create_engine(db_url), create_engine(db_url)
+    stop = asyncio.Event()
+
+    async def produce() -> int:
+        opened = 0
+        while not stop.is_set():
+            opened += 1
+            async with writer.begin() as conn:
+                await queue.push(record(f"k{opened}"), queue=f"new-{opened}", session=conn)
+        return opened
+
+    producer = asyncio.create_task(produce())
+    try:
+        calls = 0
+        while calls < 150 and not producer.done():
+            calls += 1
+            for row in await admin.queue_stats(reader):
+                assert (row.pending, row.delayed, row.reserved, row.failed) == (1, 0, 0, 0), row
+                assert row.oldest_due_age is not None, row
+                assert row.oldest_due_age >= 0.0, row
+        stop.set()
+        assert await producer > 10  # the producer really ran alongside
+    finally:
+        stop.set()
+        await asyncio.gather(producer, return_exceptions=True)
+        await reader.dispose()
+        await writer.dispose()
+
+
 def test_stats_of_a_queue_without_rows_shows_zeros_and_says_so(
     db_url: str, sync_engine: sa.Engine
 ) -> None:
