@@ -39,6 +39,10 @@ from .sql import QueueCounts
 
 __all__ = [
     "DATABASE_ERRORS",
+    "MAX_DURATION",
+    "MAX_FAILED_ID",
+    "MAX_LIST_LIMIT",
+    "MAX_RETRY_BATCH",
     "RETRY_BATCH",
     "FailedJob",
     "FailedPage",
@@ -61,6 +65,15 @@ __all__ = [
 
 RETRY_BATCH = 1000
 """Failed jobs moved back per transaction by ``retry_failed(all=True)``."""
+MAX_RETRY_BATCH = 10_000
+"""The most ``batch_size`` may be: a batch is held in memory, payloads and all."""
+MAX_LIST_LIMIT = 1_000_000
+"""The most failed jobs ``list_failed`` returns at once."""
+MAX_FAILED_ID = 2**63 - 1
+"""Failed job ids are 64-bit integers."""
+MAX_DURATION = 100 * 365 * 86400.0
+"""The longest age ``prune_failed`` and ``parse_duration`` take: a century, which keeps
+``now - age`` within every engine's calendar."""
 
 DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, OSError)
 """What talking to a database may raise: connection trouble, missing tables, …"""
@@ -191,8 +204,8 @@ async def list_failed(
     engine: AsyncEngine, *, queue: str | None = None, limit: int = 50
 ) -> FailedPage:
     """The ``limit`` most recent failed jobs (of ``queue``), newest first."""
-    if limit < 1:
-        raise ConfigurationError(f"limit must be >= 1, got {limit}")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ConfigurationError(f"limit must be from 1 to {MAX_LIST_LIMIT}, got {limit}")
     if queue is not None:
         validate_queue_name(queue)
     rows, total = await sql.failed_page(engine, queue, limit)
@@ -206,6 +219,10 @@ def parse_failed_refs(refs: Iterable[str | int]) -> tuple[list[int], list[str]]:
     for ref in refs:
         text = str(ref).strip()
         if text.isascii() and text.isdigit():
+            if int(text) > MAX_FAILED_ID:
+                raise ConfigurationError(
+                    f"failed job id {text} is out of range: ids go up to {MAX_FAILED_ID}"
+                )
             ids.append(int(text))
             continue
         try:
@@ -252,8 +269,10 @@ async def retry_failed(
     """
     if all == bool(refs):
         raise ConfigurationError("give the failed jobs to retry, or all=True (not both)")
-    if batch_size < 1:
-        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_RETRY_BATCH:
+        raise ConfigurationError(
+            f"batch_size must be from 1 to {MAX_RETRY_BATCH}, got {batch_size}"
+        )
     notify = notify_enabled()
     if refs:
         if queue is not None:
@@ -300,8 +319,10 @@ async def prune_failed(
     """Delete failed jobs that failed more than ``older_than`` (seconds or a timedelta) ago,
     by the database clock; returns how many."""
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-    if not seconds > 0:
-        raise ConfigurationError(f"older_than must be a positive duration, got {older_than!r}")
+    if not 0 < seconds <= MAX_DURATION:
+        raise ConfigurationError(
+            f"older_than must be a positive duration of at most a century, got {older_than!r}"
+        )
     if queue is not None:
         await _require_queue(engine, queue)
     return await sql.prune_failed(engine, float(seconds), queue)
@@ -320,6 +341,8 @@ def parse_duration(text: str) -> float:
             f"invalid duration {text!r}: use a positive number of seconds, or one with a unit: "
             "s, m, h, d or w (e.g. 30m, 48h, 7d, 2w)"
         )
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r}: longer than a century")
     return seconds
 
 
