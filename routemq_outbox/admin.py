@@ -34,7 +34,7 @@ from . import sql
 from .config import notify_enabled, redact
 from .errors import ConfigurationError, UnknownFailedJob, UnknownQueue, brief
 from .job import validate_queue_name
-from .migrate import VERSION_TABLE, head_revision
+from .migrate import APP_VERSION_TABLE, BRANCH, VERSION_TABLE, head_revision
 from .sql import QueueCounts
 
 __all__ = [
@@ -78,8 +78,6 @@ MAX_DURATION = 100 * 365 * 86400.0
 DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, OSError)
 """What talking to a database may raise: connection trouble, missing tables, …"""
 
-APP_VERSION_TABLE = "alembic_version"
-"""Where an application's own alembic records our revisions when it applies them itself."""
 
 # ----------------------------------------------------------------------------- queues
 
@@ -386,6 +384,15 @@ async def check_health(engine: AsyncEngine, *, within: float = 10.0) -> Health:
     ours = found.get(VERSION_TABLE, [])
     if head in ours or (not ours and head in found.get(APP_VERSION_TABLE, [])):
         return Health(True, f"database {where} is reachable and its schema is at head", head)
+    embedded = [rev for rev in found.get(APP_VERSION_TABLE, []) if rev.startswith(f"{BRANCH}_")]
+    if not ours and embedded:
+        return Health(
+            False,
+            f"database {where} has schema revision {', '.join(embedded)} in "
+            f"{APP_VERSION_TABLE}, but this routemq-outbox needs {head}: run `alembic upgrade "
+            "heads` in your application, whose alembic applies our migrations",
+            ", ".join(embedded),
+        )
     if not ours:
         return Health(False, f"database {where} is not migrated: run routemq-outbox migrate")
     revision = ", ".join(ours)

@@ -561,20 +561,25 @@ def migrate(
     sql: Annotated[
         bool, typer.Option("--sql", help="Print the DDL instead of running it.")
     ] = False,
-    revision: Annotated[str, typer.Option(help="Revision to upgrade to.")] = "head",
+    revision: Annotated[
+        str, typer.Option(help="Revision to upgrade to: head, or one of routemq-outbox's.")
+    ] = "head",
 ) -> None:
-    """Create or upgrade the jobs and failed_jobs tables."""
+    """Create or upgrade the jobs and failed_jobs tables (never downgrades)."""
     url = database or database_url()
     try:
-        upgrade(url, revision, sql=sql)
+        schema = upgrade(url, revision, sql=sql)
     except OutboxError as exc:
         raise _fail(str(exc)) from None
     except (sqlalchemy.exc.DBAPIError, OSError) as exc:
         # Unreachable, refused, unknown host, bad credentials: one line naming the database
         # (password hidden) instead of a driver traceback.
         raise _fail(f"cannot migrate {redact(url)}: {brief(exc)}", 1) from None
-    if not sql:
-        typer.echo(f"database schema is at {revision}", err=True)
+    if schema is not None:
+        where = " (head)" if schema.at_head else ""
+        if schema.embedded:
+            where += f", recorded in {schema.table} by your application's alembic"
+        typer.echo(f"database schema is at {schema.revision}{where}", err=True)
 
 
 def main() -> None:

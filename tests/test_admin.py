@@ -20,13 +20,13 @@ from typer.testing import CliRunner, Result
 
 from routemq_outbox import FailJob, Job, admin, queue
 from routemq_outbox.cli import app
-from routemq_outbox.database import create_engine
-from routemq_outbox.migrate import VERSION_TABLE, head_revision
+from routemq_outbox.database import create_engine, create_sync_engine
+from routemq_outbox.migrate import VERSION_TABLE, head_revision, revisions
 from routemq_outbox.schema import db_now, db_now_plus, failed_jobs, jobs
 from routemq_outbox.sql import family
 
 from . import jobs as test_jobs
-from .conftest import free_port, run_cli
+from .conftest import BACKENDS, EMPTY_DB_URL_FIXTURES, free_port, run_cli
 
 
 def cli(*args: str, input: str | None = None) -> Result:
@@ -561,7 +561,9 @@ def test_health_fails_on_an_empty_database_until_migrated(empty_pg_url: str) -> 
     assert result.stderr.startswith("routemq-outbox: database postgresql+asyncpg://")
     assert result.stderr.endswith("is not migrated: run routemq-outbox migrate\n")
 
-    assert ok("migrate", "--database-url", empty_pg_url).stderr == "database schema is at head\n"
+    assert ok("migrate", "--database-url", empty_pg_url).stderr == (
+        f"database schema is at {head_revision()} (head)\n"
+    )
     ok("health", "--database-url", empty_pg_url)
 
 
@@ -609,6 +611,43 @@ def sync_engine_pg(pg_url: str) -> Iterator[sa.Engine]:
     engine = create_sync_engine(pg_url)
     yield engine
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migrate_only_upgrades_and_says_what_the_database_is_at(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    first, head = revisions()[0], head_revision()
+    assert (first, head) == ("routemq_outbox_0001", "routemq_outbox_0002")
+
+    def at() -> list[str]:
+        engine = create_sync_engine(url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.scalars(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")))
+        finally:
+            engine.dispose()
+
+    assert ok("migrate", "--revision", first, "--database-url", url).stderr == (
+        f"database schema is at {first}\n"
+    )
+    assert at() == [first]
+    assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
+    assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
+    choices = f"migrate goes to head or to one of {first}, {head}, and only upgrades; got"
+    for revision, message in [
+        ("nonexistent", f"unknown revision 'nonexistent': routemq-outbox has {first}, {head}"),
+        ("-1", f"{choices} '-1'"),
+        ("+1", f"{choices} '+1'"),
+        ("base", f"{choices} 'base'"),
+        ("heads", f"{choices} 'heads'"),
+        (first, f"the database is at {head}, past {first}: migrate only upgrades"),
+    ]:
+        result = refused(2, "migrate", "--revision", revision, "--database-url", url)
+        assert result.stderr.startswith(f"routemq-outbox: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert at() == [head]
 
 
 def test_migrate_sql_prints_the_ddl(pg_url: str) -> None:
