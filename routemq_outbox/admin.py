@@ -34,11 +34,15 @@ from . import sql
 from .config import notify_enabled, redact
 from .errors import ConfigurationError, UnknownFailedJob, UnknownQueue, brief
 from .job import validate_queue_name
-from .migrate import VERSION_TABLE, head_revision
+from .migrate import APP_VERSION_TABLE, BRANCH, VERSION_TABLE, head_revision
 from .sql import QueueCounts
 
 __all__ = [
     "DATABASE_ERRORS",
+    "MAX_DURATION",
+    "MAX_FAILED_ID",
+    "MAX_LIST_LIMIT",
+    "MAX_RETRY_BATCH",
     "RETRY_BATCH",
     "FailedJob",
     "FailedPage",
@@ -61,12 +65,19 @@ __all__ = [
 
 RETRY_BATCH = 1000
 """Failed jobs moved back per transaction by ``retry_failed(all=True)``."""
+MAX_RETRY_BATCH = 10_000
+"""The most ``batch_size`` may be: a batch is held in memory, payloads and all."""
+MAX_LIST_LIMIT = 1_000_000
+"""The most failed jobs ``list_failed`` returns at once."""
+MAX_FAILED_ID = 2**63 - 1
+"""Failed job ids are 64-bit integers."""
+MAX_DURATION = 100 * 365 * 86400.0
+"""The longest age ``prune_failed`` and ``parse_duration`` take: a century, which keeps
+``now - age`` within every engine's calendar."""
 
 DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, OSError)
 """What talking to a database may raise: connection trouble, missing tables, …"""
 
-APP_VERSION_TABLE = "alembic_version"
-"""Where an application's own alembic records our revisions when it applies them itself."""
 
 # ----------------------------------------------------------------------------- queues
 
@@ -191,8 +202,8 @@ async def list_failed(
     engine: AsyncEngine, *, queue: str | None = None, limit: int = 50
 ) -> FailedPage:
     """The ``limit`` most recent failed jobs (of ``queue``), newest first."""
-    if limit < 1:
-        raise ConfigurationError(f"limit must be >= 1, got {limit}")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ConfigurationError(f"limit must be from 1 to {MAX_LIST_LIMIT}, got {limit}")
     if queue is not None:
         validate_queue_name(queue)
     rows, total = await sql.failed_page(engine, queue, limit)
@@ -206,6 +217,10 @@ def parse_failed_refs(refs: Iterable[str | int]) -> tuple[list[int], list[str]]:
     for ref in refs:
         text = str(ref).strip()
         if text.isascii() and text.isdigit():
+            if int(text) > MAX_FAILED_ID:
+                raise ConfigurationError(
+                    f"failed job id {text} is out of range: ids go up to {MAX_FAILED_ID}"
+                )
             ids.append(int(text))
             continue
         try:
@@ -252,8 +267,10 @@ async def retry_failed(
     """
     if all == bool(refs):
         raise ConfigurationError("give the failed jobs to retry, or all=True (not both)")
-    if batch_size < 1:
-        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_RETRY_BATCH:
+        raise ConfigurationError(
+            f"batch_size must be from 1 to {MAX_RETRY_BATCH}, got {batch_size}"
+        )
     notify = notify_enabled()
     if refs:
         if queue is not None:
@@ -300,8 +317,10 @@ async def prune_failed(
     """Delete failed jobs that failed more than ``older_than`` (seconds or a timedelta) ago,
     by the database clock; returns how many."""
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-    if not seconds > 0:
-        raise ConfigurationError(f"older_than must be a positive duration, got {older_than!r}")
+    if not 0 < seconds <= MAX_DURATION:
+        raise ConfigurationError(
+            f"older_than must be a positive duration of at most a century, got {older_than!r}"
+        )
     if queue is not None:
         await _require_queue(engine, queue)
     return await sql.prune_failed(engine, float(seconds), queue)
@@ -320,6 +339,8 @@ def parse_duration(text: str) -> float:
             f"invalid duration {text!r}: use a positive number of seconds, or one with a unit: "
             "s, m, h, d or w (e.g. 30m, 48h, 7d, 2w)"
         )
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r}: longer than a century")
     return seconds
 
 
@@ -363,6 +384,15 @@ async def check_health(engine: AsyncEngine, *, within: float = 10.0) -> Health:
     ours = found.get(VERSION_TABLE, [])
     if head in ours or (not ours and head in found.get(APP_VERSION_TABLE, [])):
         return Health(True, f"database {where} is reachable and its schema is at head", head)
+    embedded = [rev for rev in found.get(APP_VERSION_TABLE, []) if rev.startswith(f"{BRANCH}_")]
+    if not ours and embedded:
+        return Health(
+            False,
+            f"database {where} has schema revision {', '.join(embedded)} in "
+            f"{APP_VERSION_TABLE}, but this routemq-outbox needs {head}: run `alembic upgrade "
+            "heads` in your application, whose alembic applies our migrations",
+            ", ".join(embedded),
+        )
     if not ours:
         return Health(False, f"database {where} is not migrated: run routemq-outbox migrate")
     revision = ", ".join(ours)

@@ -80,6 +80,42 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Numbers beyond these are typing mistakes, and some would fail deep inside a driver or the
+# database (a LIMIT past 64 bits, an interval past the calendar): refuse them while parsing.
+INT64_MAX = 2**63 - 1
+MAX_SECONDS = 365 * 86400.0
+MAX_IN_FLIGHT = 10_000  # jobs run, claimed or prefetched at once by one worker
+
+
+def _whole(low: int, high: int) -> Callable[[typer.CallbackParam, int | None], int | None]:
+    """A typer callback: the option's integer must be from ``low`` to ``high``."""
+
+    def check(param: typer.CallbackParam, value: int | None) -> int | None:
+        if value is not None and not low <= value <= high:
+            raise _fail(f"{param.opts[0]} must be a whole number from {low} to {high}, got {value}")
+        return value
+
+    return check
+
+
+def _seconds(
+    *, zero_ok: bool = False
+) -> Callable[[typer.CallbackParam, float | None], float | None]:
+    """A typer callback: the option's seconds must be finite, above 0 (or 0 too), and at most
+    a year."""
+
+    def check(param: typer.CallbackParam, value: float | None) -> float | None:
+        if value is None or (0 <= value <= MAX_SECONDS and (zero_ok or value > 0)):
+            return value  # nan fails every comparison, and inf the last
+        low = "from 0 to" if zero_ok else "above 0 and at most"
+        raise _fail(
+            f"{param.opts[0]} must be a number of seconds {low} {MAX_SECONDS:.0f} (a year), "
+            f"got {value:g}"
+        )
+
+    return check
+
+
 def _admin(database: str | None, call: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     """Run one admin function on a fresh engine; its errors become messages and exit codes."""
     url = database or database_url()
@@ -158,36 +194,66 @@ def work(
         ),
     ] = None,
     database: DatabaseUrl = None,
-    concurrency: Annotated[int, typer.Option(help="Jobs run at once in this process.")] = 10,
-    sleep: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 1.0,
+    concurrency: Annotated[
+        int,
+        typer.Option(help="Jobs run at once in this process.", callback=_whole(1, MAX_IN_FLIGHT)),
+    ] = 10,
+    sleep: Annotated[
+        float, typer.Option(help="Seconds between polls when idle.", callback=_seconds())
+    ] = 1.0,
     max_jobs: Annotated[
-        int | None, typer.Option(help="Exit 0 after this many jobs.", show_default=False)
+        int | None,
+        typer.Option(
+            help="Exit 0 after this many jobs.", show_default=False, callback=_whole(1, INT64_MAX)
+        ),
     ] = None,
     max_time: Annotated[
-        float | None, typer.Option(help="Exit 0 after this many seconds.", show_default=False)
+        float | None,
+        typer.Option(
+            help="Exit 0 after this many seconds.", show_default=False, callback=_seconds()
+        ),
     ] = None,
     stop_when_empty: Annotated[
         bool, typer.Option("--stop-when-empty", help="Exit 0 once no job is due.")
     ] = False,
     timeout: Annotated[
         float | None,
-        typer.Option(help="Seconds per attempt, overriding the jobs' own.", show_default=False),
+        typer.Option(
+            help="Seconds per attempt, overriding the jobs' own.",
+            show_default=False,
+            callback=_seconds(),
+        ),
     ] = None,
     max_tries: Annotated[
         int | None,
-        typer.Option(help="Attempts per job, overriding the jobs' own.", show_default=False),
+        typer.Option(
+            help="Attempts per job, overriding the jobs' own.",
+            show_default=False,
+            # attempts are counted in a 32-bit column
+            callback=_whole(1, 2**31 - 1),
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Most jobs claimed per statement.")] = 100,
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Most jobs claimed per statement.", callback=_whole(1, MAX_IN_FLIGHT)),
+    ] = 100,
     prefetch: Annotated[
         int | None,
         typer.Option(
             help="Jobs claimed ahead to wait for a free slot (default: --concurrency; 0: none).",
             show_default=False,
+            callback=_whole(0, MAX_IN_FLIGHT),
         ),
     ] = None,
-    lease: Annotated[float, typer.Option(help="Seconds a claim lasts without a heartbeat.")] = 60.0,
+    lease: Annotated[
+        float,
+        typer.Option(help="Seconds a claim lasts without a heartbeat.", callback=_seconds()),
+    ] = 60.0,
     grace: Annotated[
-        float, typer.Option(help="Seconds running jobs get to finish at shutdown.")
+        float,
+        typer.Option(
+            help="Seconds running jobs get to finish at shutdown.", callback=_seconds(zero_ok=True)
+        ),
     ] = 30.0,
     listen: Annotated[
         bool, typer.Option(help="PostgreSQL: wake on NOTIFY instead of waiting for the poll.")
@@ -195,14 +261,20 @@ def work(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            metavar="PORT", help="Serve Prometheus metrics on this port.", show_default=False
+            metavar="PORT",
+            help="Serve Prometheus metrics on this port.",
+            show_default=False,
+            callback=_whole(1, 65535),
         ),
     ] = None,
     metrics_host: Annotated[
         str, typer.Option(metavar="ADDRESS", help="Address the metrics server listens on.")
     ] = "0.0.0.0",  # noqa: S104 - scrapers run elsewhere
     metrics_interval: Annotated[
-        float, typer.Option(help="Seconds between refreshes of the queue depth gauges.")
+        float,
+        typer.Option(
+            help="Seconds between refreshes of the queue depth gauges.", callback=_seconds()
+        ),
     ] = 15.0,
     log_format: Annotated[
         LogFormat, typer.Option(help="Log lines as text, or as JSON objects for log shippers.")
@@ -295,7 +367,9 @@ def size(
 @app.command(rich_help_panel=MONITORING_PANEL)
 def health(
     database: DatabaseUrl = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the database.")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the database.", callback=_seconds())
+    ] = 10.0,
 ) -> None:
     """Exit 0 if the database answers and its schema is at head, 1 otherwise."""
     report = _admin(database, lambda engine: admin.check_health(engine, within=timeout))
@@ -310,7 +384,13 @@ def health(
 @failed_app.command("list")
 def failed_list(
     queue: QueueFilter = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 50,
+    limit: Annotated[
+        int,
+        typer.Option(
+            help="Show at most this many, newest first.",
+            callback=_whole(1, admin.MAX_LIST_LIMIT),
+        ),
+    ] = 50,
     as_json: AsJson = False,
     database: DatabaseUrl = None,
 ) -> None:
@@ -391,7 +471,11 @@ def failed_retry(
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(help="With --all: jobs moved per transaction.")
+        int,
+        typer.Option(
+            help="With --all: jobs moved per transaction.",
+            callback=_whole(1, admin.MAX_RETRY_BATCH),
+        ),
     ] = admin.RETRY_BATCH,
     database: DatabaseUrl = None,
 ) -> None:
@@ -428,7 +512,7 @@ def _duration(text: str) -> float:
     try:
         return admin.parse_duration(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+        raise _fail(f"--older-than: {exc}") from None
 
 
 @failed_app.command("prune")
@@ -479,20 +563,25 @@ def migrate(
     sql: Annotated[
         bool, typer.Option("--sql", help="Print the DDL instead of running it.")
     ] = False,
-    revision: Annotated[str, typer.Option(help="Revision to upgrade to.")] = "head",
+    revision: Annotated[
+        str, typer.Option(help="Revision to upgrade to: head, or one of routemq-outbox's.")
+    ] = "head",
 ) -> None:
-    """Create or upgrade the jobs and failed_jobs tables."""
+    """Create or upgrade the jobs and failed_jobs tables (never downgrades)."""
     url = database or database_url()
     try:
-        upgrade(url, revision, sql=sql)
+        schema = upgrade(url, revision, sql=sql)
     except OutboxError as exc:
         raise _fail(str(exc)) from None
     except (sqlalchemy.exc.DBAPIError, OSError) as exc:
         # Unreachable, refused, unknown host, bad credentials: one line naming the database
         # (password hidden) instead of a driver traceback.
         raise _fail(f"cannot migrate {redact(url)}: {brief(exc)}", 1) from None
-    if not sql:
-        typer.echo(f"database schema is at {revision}", err=True)
+    if schema is not None:
+        where = " (head)" if schema.at_head else ""
+        if schema.embedded:
+            where += f", recorded in {schema.table} by your application's alembic"
+        typer.echo(f"database schema is at {schema.revision}{where}", err=True)
 
 
 def main() -> None:

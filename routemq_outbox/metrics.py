@@ -3,7 +3,7 @@
 :class:`WorkerMetrics` is a :class:`~routemq_outbox.worker.WorkerObserver`. The worker tells
 it of every claim and every recorded outcome (a dictionary look-up and a few increments, no
 I/O), and its ``watch`` task refreshes the queue depth gauges of the worker's queues every
-``interval`` seconds with the same statements as ``routemq-outbox stats``.
+``interval`` seconds with the statement of ``routemq-outbox stats``.
 
 Metric names (the counters are exposed with the ``_total`` suffix):
 

@@ -1,6 +1,7 @@
 """The tables, defined once with SQLAlchemy Core, and the database clock.
 
-The migrations in ``migrations/`` must produce exactly these tables; a test compares them.
+The migrations in ``migrations/`` must produce exactly these tables; a test
+compares them.
 
 A row of ``jobs`` is *pending* when ``reserved_at`` is null and *reserved* (a worker holds it)
 when ``reserved_at``, ``token`` and ``lease_expires_at`` are all set; a CHECK constraint

@@ -58,11 +58,9 @@ __all__ = [
     "claim_statement_text",
     "clear_queue",
     "count_attempts",
-    "counts_by_queue_statement",
     "delete_failed",
     "explain_claim",
     "extend_leases",
-    "failed_by_queue_statement",
     "failed_by_refs",
     "failed_page",
     "family",
@@ -73,9 +71,9 @@ __all__ = [
     "known_queues",
     "move_to_failed",
     "newest_failed_id",
-    "oldest_due_statement",
     "prune_failed",
     "queue_counts",
+    "queue_counts_statement",
     "queue_exists",
     "queue_size",
     "release",
@@ -181,26 +179,31 @@ def insert_jobs(
     *,
     notify: bool,
 ) -> Statement:
-    """One statement inserting ``rows`` of (queue, payload JSON text), whatever their number.
+    """The statement inserting ``rows`` of (queue, payload JSON text), whatever their number,
+    and its parameters: one set, or a list of sets to run as an executemany in the caller's
+    transaction (all or nothing, like one statement).
 
-    PostgreSQL gets ``INSERT … SELECT … FROM unnest(…)`` for many rows, and (with ``notify``)
-    the ``pg_notify`` in the same statement, so a dispatch costs one round trip. MySQL and
-    MariaDB get ``INSERT … SELECT … FROM JSON_TABLE(…)`` over one JSON array parameter (run
-    once per few MiB of rows, to stay within ``max_allowed_packet``): their drivers turn an
-    executemany into one multi-row INSERT only when every value is a plain parameter, and
-    ``available_at`` comes from the database clock. SQLite, in-process, gets executemany.
+    PostgreSQL gets ``INSERT … SELECT … FROM jsonb_array_elements(…)`` for many rows, and (with
+    ``notify``) the ``pg_notify`` in the same statement, so a dispatch costs one round trip.
+    MySQL and MariaDB get ``INSERT … SELECT … FROM JSON_TABLE(…)`` over one JSON array
+    parameter: their drivers turn an executemany into one multi-row INSERT only when every
+    value is a plain parameter, and ``available_at`` comes from the database clock. Either
+    array holds a few MiB of rows at most (one row may be larger on its own), and larger
+    inserts take one parameter set per array. SQLite, in-process, gets executemany.
     """
     kind = family(dialect_name)
     extra = _available_params(available)
     many = len(rows) > 1
     stmt = _insert_statement(kind, many, _when(available), notify and kind == "postgresql")
     if kind == "mysql":
-        chunks = [{"rows": chunk, **extra} for chunk in _json_chunks(rows)]
+        items = [json.dumps(row, ensure_ascii=False) for row in rows]
+        chunks = [{"rows": chunk, **extra} for chunk in _json_arrays(items)]
         return stmt, chunks[0] if len(chunks) == 1 else chunks
     if kind == "postgresql" and many:
         queues = {queue: json.dumps(queue, ensure_ascii=False) for queue in {q for q, _ in rows}}
-        items = ",".join(f"[{queues[queue]},{payload}]" for queue, payload in rows)
-        return stmt, {"items": f"[{items}]", **extra}
+        items = [f"[{queues[queue]},{payload}]" for queue, payload in rows]
+        chunks = [{"items": chunk, **extra} for chunk in _json_arrays(items)]
+        return stmt, chunks[0] if len(chunks) == 1 else chunks
     if not many:
         return stmt, {"queue": rows[0][0], "payload": rows[0][1], **extra}
     return stmt, [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
@@ -211,7 +214,11 @@ _JSON_ROWS = sa.text(
     "JSON_TABLE(:rows, '$[*]' COLUMNS (position FOR ORDINALITY, "
     "queue VARCHAR(255) PATH '$[0]', payload LONGTEXT PATH '$[1]')) AS source"
 ).bindparams(sa.bindparam("rows", type_=sa.Text()))
-_JSON_CHUNK_BYTES = 4 * 1024 * 1024  # MariaDB's max_allowed_packet is 16 MiB by default
+# Bytes of rows per statement: MariaDB's max_allowed_packet is 16 MiB by default, and
+# PostgreSQL refuses a JSONB value over 256 MiB, which a JSON text of small numbers reaches at
+# about 43 MiB. Bigger statements save nothing measurable (300 jobs of 1 MB: 5.0 s in arrays
+# of 4 MiB, 7.6 s in arrays of 32 MiB).
+_JSON_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _insert_from_json(available_at: sa.ColumnElement[datetime]) -> sa.Insert:
@@ -228,20 +235,25 @@ def _insert_from_json(available_at: sa.ColumnElement[datetime]) -> sa.Insert:
     return sa.insert(jobs).from_select(["queue", "payload", "available_at", "created_at"], source)
 
 
-def _json_chunks(rows: Sequence[tuple[str, str]]) -> Iterator[str]:
-    """``rows`` as JSON arrays of ``[queue, payload]``, each at most a few MiB (one row may
-    be larger on its own)."""
-    items: list[str] = []
-    size = 0
-    for row in rows:
-        item = json.dumps(row, ensure_ascii=False)
-        length = len(item.encode())
-        if items and size + length > _JSON_CHUNK_BYTES:
-            yield "[" + ",".join(items) + "]"
-            items, size = [], 0
-        items.append(item)
-        size += length + 1
-    yield "[" + ",".join(items) + "]"
+def _json_arrays(items: Sequence[str]) -> Iterator[str]:
+    """JSON arrays of ``items`` (each a JSON text), each at most ``_JSON_CHUNK_BYTES`` unless
+    one item is larger on its own."""
+    limit = _JSON_CHUNK_BYTES
+    # A character is at most 4 bytes in UTF-8: most inserts are far below the limit, and need
+    # not pay for encoding every item to learn it.
+    if 4 * (sum(map(len, items)) + len(items)) + 2 <= limit:
+        yield "[" + ",".join(items) + "]"
+        return
+    chunk: list[str] = []
+    size = 2
+    for item in items:
+        length = len(item.encode()) + 1
+        if chunk and size + length > limit:
+            yield "[" + ",".join(chunk) + "]"
+            chunk, size = [], 2
+        chunk.append(item)
+        size += length
+    yield "[" + ",".join(chunk) + "]"
 
 
 def size_statement(queue: str) -> sa.Select[Any]:
@@ -633,9 +645,9 @@ async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord
 # ------------------------------------------------------------------------------- operating
 #
 # What ``routemq-outbox stats``, ``failed …``, ``clear`` and ``health`` run, and the worker's
-# queue depth gauges. The three counting statements are the README's "Queue size in SQL"
-# queries (with the library's clock, which on SQLite has milliseconds where the README's
-# ``CURRENT_TIMESTAMP`` has seconds); a test runs the README's text and compares.
+# queue depth gauges. The counts are those of the README's "Queue size in SQL" queries (with
+# the library's clock, which on SQLite has milliseconds where the README's
+# ``CURRENT_TIMESTAMP`` has seconds); a test compares them.
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,51 +666,60 @@ def _queue_filter(column: sa.ColumnElement[str], queues: Sequence[str] | None) -
     return [] if queues is None else [column.in_(list(queues))]
 
 
-def _count_if(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
-    return sa.func.sum(sa.case((condition, 1), else_=0))
+def queue_counts_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
+    """Per queue (every queue with rows, or those of ``queues`` that have some): pending,
+    delayed, reserved and failed jobs, and the age in seconds of the oldest waiting job
+    (negative when none is due yet).
 
-
-def counts_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "by queue": pending (due now), delayed and reserved jobs of every queue."""
-    waiting = jobs.c.reserved_at.is_(None)
-    return (
+    One statement, so one snapshot: counted apart, a queue could get its first job between
+    two counts and appear in one and not the other. Each part reads an index, never the table:
+    waiting jobs the claim index, reserved ones the lease index (``lease_expires_at`` is set
+    exactly when ``reserved_at`` is, and naming both lets PostgreSQL and SQLite use their
+    partial index and MySQL its full one), failed jobs their queue index.
+    """
+    nothing = sa.literal_column("0", sa.Integer())
+    due = sa.case(
+        (jobs.c.available_at <= db_now(), sa.literal_column("1", sa.Integer())), else_=nothing
+    )
+    waiting = (
         sa.select(
-            jobs.c.queue,
-            _count_if(sa.and_(waiting, jobs.c.available_at <= db_now())).label("pending"),
-            _count_if(sa.and_(waiting, jobs.c.available_at > db_now())).label("delayed"),
-            _count_if(jobs.c.reserved_at.isnot(None)).label("reserved"),
+            jobs.c.queue.label("queue"),
+            sa.func.sum(due).label("pending"),
+            sa.func.count().label("waiting"),
+            nothing.label("reserved"),
+            nothing.label("failed"),
+            sa.func.min(jobs.c.available_at).label("oldest"),
         )
-        .where(*_queue_filter(jobs.c.queue, queues))
+        .where(jobs.c.reserved_at.is_(None), *_queue_filter(jobs.c.queue, queues))
         .group_by(jobs.c.queue)
-        .order_by(jobs.c.queue)
     )
-
-
-def failed_by_queue_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "failed by queue"."""
-    return (
-        sa.select(failed_jobs.c.queue, sa.func.count().label("failed"))
-        .where(*_queue_filter(failed_jobs.c.queue, queues))
-        .group_by(failed_jobs.c.queue)
-        .order_by(failed_jobs.c.queue)
-    )
-
-
-def oldest_due_statement(queues: Sequence[str] | None = None) -> sa.Select[Any]:
-    """README "oldest due age": seconds the oldest due job of each queue has waited since it
-    became due (its ``available_at``)."""
-    return (
-        sa.select(
-            jobs.c.queue,
-            seconds_since(sa.func.min(jobs.c.available_at)).label("oldest_due_age"),
-        )
+    reserved = (
+        sa.select(jobs.c.queue, nothing, nothing, sa.func.count(), nothing, sa.null())
         .where(
-            jobs.c.reserved_at.is_(None),
-            jobs.c.available_at <= db_now(),
+            jobs.c.reserved_at.isnot(None),
+            jobs.c.lease_expires_at.isnot(None),
             *_queue_filter(jobs.c.queue, queues),
         )
         .group_by(jobs.c.queue)
-        .order_by(jobs.c.queue)
+    )
+    failed = (
+        sa.select(failed_jobs.c.queue, nothing, nothing, nothing, sa.func.count(), sa.null())
+        .where(*_queue_filter(failed_jobs.c.queue, queues))
+        .group_by(failed_jobs.c.queue)
+    )
+    parts = sa.union_all(waiting, reserved, failed).subquery("parts")
+    pending = sa.func.sum(parts.c.pending)
+    return (
+        sa.select(
+            parts.c.queue,
+            pending.label("pending"),
+            (sa.func.sum(parts.c.waiting) - pending).label("delayed"),
+            sa.func.sum(parts.c.reserved).label("reserved"),
+            sa.func.sum(parts.c.failed).label("failed"),
+            seconds_since(sa.func.min(parts.c.oldest)).label("oldest_age"),
+        )
+        .group_by(parts.c.queue)
+        .order_by(parts.c.queue)
     )
 
 
@@ -707,21 +728,22 @@ async def queue_counts(
 ) -> list[QueueCounts]:
     """Counts of every queue that has jobs or failed jobs (or of ``queues``, zeros included)."""
     async with engine.connect() as conn:
-        counts = (await conn.execute(counts_by_queue_statement(queues))).all()
-        failed = (await conn.execute(failed_by_queue_statement(queues))).all()
-        ages = (await conn.execute(oldest_due_statement(queues))).all()
-    merged: dict[str, dict[str, Any]] = {name: {} for name in queues or ()}
-    for row in counts:
-        merged.setdefault(row.queue, {}).update(
-            pending=int(row.pending), delayed=int(row.delayed), reserved=int(row.reserved)
-        )
-    for row in failed:
-        merged.setdefault(row.queue, {})["failed"] = int(row.failed)
-    for row in ages:
-        if row.oldest_due_age is not None:
+        rows = (await conn.execute(queue_counts_statement(queues))).all()
+    found = {
+        row.queue: QueueCounts(
+            row.queue,
+            pending=int(row.pending),
+            delayed=int(row.delayed),
+            reserved=int(row.reserved),
+            failed=int(row.failed),
             # never negative: the clock's sub-second rounding can put "due" a hair ahead
-            merged[row.queue]["oldest_due_age"] = max(0.0, float(row.oldest_due_age))
-    return [QueueCounts(name, **merged[name]) for name in sorted(merged)]
+            oldest_due_age=max(0.0, float(row.oldest_age)) if row.pending else None,
+        )
+        for row in rows
+    }
+    for name in queues or ():
+        found.setdefault(name, QueueCounts(name))
+    return [found[name] for name in sorted(found)]
 
 
 async def queue_size(engine: AsyncEngine, queue: str) -> int:
@@ -833,6 +855,14 @@ class Taken:
 
 _TAKEN = (failed_jobs.c.id, failed_jobs.c.uuid, failed_jobs.c.queue, _FAILED_PAYLOAD)
 _REF_CHUNK = 1000  # ids per statement: well within every engine's parameter limit
+# MySQL/MariaDB: the rows just locked, one statement per row. ``DELETE … WHERE id IN (…)``
+# becomes a full scan once the ids are a large share of the rows the optimiser believes the
+# table holds (FORCE INDEX does not prevent it), and that scan waits for the rows a concurrent
+# caller has locked while that caller's scan waits for ours: a deadlock. A primary key
+# equality has one plan, which reads only its row.
+_DELETE_FAILED_BY_ID = sa.delete(failed_jobs).where(
+    failed_jobs.c.id == sa.bindparam("id", type_=sa.BigInteger())
+)
 
 
 async def _take_failed(
@@ -851,9 +881,7 @@ async def _take_failed(
             pick = pick.with_for_update()
         rows = list((await conn.execute(pick)).all())
         if rows:
-            await conn.execute(
-                sa.delete(failed_jobs).where(failed_jobs.c.id.in_([row.id for row in rows]))
-            )
+            await conn.execute(_DELETE_FAILED_BY_ID, [{"id": row.id} for row in rows])
         return rows
     if limit is None:
         stmt = sa.delete(failed_jobs).where(*where)

@@ -6,6 +6,7 @@ types them, and checks both what they print and what the tables hold afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,11 +20,13 @@ from typer.testing import CliRunner, Result
 
 from routemq_outbox import FailJob, Job, admin, queue
 from routemq_outbox.cli import app
-from routemq_outbox.migrate import VERSION_TABLE, head_revision
+from routemq_outbox.database import create_engine, create_sync_engine
+from routemq_outbox.migrate import VERSION_TABLE, head_revision, revisions
 from routemq_outbox.schema import db_now, db_now_plus, failed_jobs, jobs
+from routemq_outbox.sql import family
 
 from . import jobs as test_jobs
-from .conftest import free_port
+from .conftest import BACKENDS, EMPTY_DB_URL_FIXTURES, free_port, run_cli
 
 
 def cli(*args: str, input: str | None = None) -> Result:
@@ -200,6 +203,41 @@ def test_stats_counts_every_queue(db_url: str, sync_engine: sa.Engine) -> None:
     assert [row["queue"] for row in only["queues"]] == ["emails"]
 
 
+async def test_stats_while_a_producer_opens_new_queues(db_url: str) -> None:
+    """Each stats call sees one moment: a queue whose first job commits meanwhile is either
+    absent or counted whole, with the age of its oldest job exactly when that one is due.
+
+    (A job may count as delayed for an instant: the database's clock for the statement can be
+    read a moment before its snapshot, and the job was due from its own transaction's start.)"""
+    reader, writer = create_engine(db_url), create_engine(db_url)
+    stop = asyncio.Event()
+
+    async def produce() -> int:
+        opened = 0
+        while not stop.is_set():
+            opened += 1
+            async with writer.begin() as conn:
+                await queue.push(record(f"k{opened}"), queue=f"new-{opened}", session=conn)
+        return opened
+
+    producer = asyncio.create_task(produce())
+    try:
+        calls = 0
+        while calls < 150 and not producer.done():
+            calls += 1
+            for row in await admin.queue_stats(reader):
+                assert (row.pending + row.delayed, row.reserved, row.failed) == (1, 0, 0), row
+                assert (row.oldest_due_age is not None) == (row.pending == 1), row
+                assert row.oldest_due_age is None or row.oldest_due_age >= 0.0, row
+        stop.set()
+        assert await producer > 10  # the producer really ran alongside
+    finally:
+        stop.set()
+        await asyncio.gather(producer, return_exceptions=True)
+        await reader.dispose()
+        await writer.dispose()
+
+
 def test_stats_of_a_queue_without_rows_shows_zeros_and_says_so(
     db_url: str, sync_engine: sa.Engine
 ) -> None:
@@ -352,6 +390,62 @@ def test_failed_retry_all_in_batches_and_by_queue(db_url: str, sync_engine: sa.E
     assert ok("failed", "retry", "--all").stdout == "retried 0 failed jobs\n"
 
 
+async def test_concurrent_retry_all_never_deadlocks_and_moves_each_job_once(db_url: str) -> None:
+    """Callers racing over a small failed_jobs table: each takes a batch the other skips, so
+    a delete of its own batch that read beyond it would wait for the other's rows while the
+    other waits for its own (MariaDB plans such a delete as a full scan once the batch is a
+    large share of the table, whatever the statistics say)."""
+    engines = [create_engine(db_url) for _ in range(3)]
+    setup, callers = engines[0], engines[1:]
+    total = 150
+    try:
+        for round_ in range(8):
+            async with setup.begin() as conn:
+                await conn.execute(sa.delete(jobs))
+                await conn.execute(
+                    sa.insert(failed_jobs),
+                    [
+                        {
+                            "uuid": str(uuid.uuid4()),
+                            "connection": "default",
+                            "queue": "default",
+                            "payload": json.dumps({"job": "tests.record", "data": {"key": i}}),
+                            "exception": "ValueError: boom",
+                            "attempts": 3,
+                            "job_id": i,
+                        }
+                        for i in range(total)
+                    ],
+                )
+            if round_ == 0:
+                async with setup.connect() as conn:
+                    await conn.execute(sa.text(ANALYZE[family(setup.dialect.name)]))
+                    await conn.commit()
+            moved = await asyncio.gather(
+                *(admin.retry_failed(caller, all=True, batch_size=50) for caller in callers)
+            )
+            assert sum(moved) == total, moved
+            async with setup.connect() as conn:
+                keys = (
+                    await conn.execute(
+                        sa.select(sa.cast(jobs.c.payload, sa.Text)).order_by(jobs.c.id)
+                    )
+                ).scalars()
+                assert sorted(json.loads(key)["data"]["key"] for key in keys) == list(range(total))
+                left = await conn.execute(sa.select(sa.func.count()).select_from(failed_jobs))
+                assert left.scalar_one() == 0
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+ANALYZE = {
+    "postgresql": "ANALYZE failed_jobs",
+    "sqlite": "ANALYZE failed_jobs",
+    "mysql": "ANALYZE TABLE failed_jobs",
+}
+
+
 # ----------------------------------------------------------------------------- delete
 
 
@@ -467,7 +561,9 @@ def test_health_fails_on_an_empty_database_until_migrated(empty_pg_url: str) -> 
     assert result.stderr.startswith("routemq-outbox: database postgresql+asyncpg://")
     assert result.stderr.endswith("is not migrated: run routemq-outbox migrate\n")
 
-    assert ok("migrate", "--database-url", empty_pg_url).stderr == "database schema is at head\n"
+    assert ok("migrate", "--database-url", empty_pg_url).stderr == (
+        f"database schema is at {head_revision()} (head)\n"
+    )
     ok("health", "--database-url", empty_pg_url)
 
 
@@ -532,6 +628,43 @@ def sync_engine_pg(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migrate_only_upgrades_and_says_what_the_database_is_at(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    first, head = revisions()[0], head_revision()
+    assert (first, head) == ("routemq_outbox_0001", "routemq_outbox_0002")
+
+    def at() -> list[str]:
+        engine = create_sync_engine(url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.scalars(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")))
+        finally:
+            engine.dispose()
+
+    assert ok("migrate", "--revision", first, "--database-url", url).stderr == (
+        f"database schema is at {first}\n"
+    )
+    assert at() == [first]
+    assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
+    assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
+    choices = f"migrate goes to head or to one of {first}, {head}, and only upgrades; got"
+    for revision, message in [
+        ("nonexistent", f"unknown revision 'nonexistent': routemq-outbox has {first}, {head}"),
+        ("-1", f"{choices} '-1'"),
+        ("+1", f"{choices} '+1'"),
+        ("base", f"{choices} 'base'"),
+        ("heads", f"{choices} 'heads'"),
+        (first, f"the database is at {head}, past {first}: migrate only upgrades"),
+    ]:
+        result = refused(2, "migrate", "--revision", revision, "--database-url", url)
+        assert result.stderr.startswith(f"routemq-outbox: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert at() == [head]
+
+
 def test_migrate_sql_prints_the_ddl(pg_url: str) -> None:
     ddl = ok("migrate", "--sql", "--database-url", pg_url).stdout
     assert "CREATE TABLE jobs" in ddl
@@ -544,6 +677,70 @@ def test_database_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.startswith("routemq-outbox: database postgresql://app:***@127.0.0.1:")
     assert len(result.stderr.splitlines()) == 1
     assert "s3cret-pw" not in result.output
+
+
+# ----------------------------------------------------------------------------- numbers
+
+OUT_OF_RANGE = [
+    (("work", "--concurrency", "99999999999999999999"), "--concurrency must be a whole number"),
+    (("work", "--concurrency", "0"), "--concurrency must be a whole number from 1 to 10000"),
+    (("work", "--batch-size", "10001"), "--batch-size must be a whole number from 1 to 10000"),
+    (("work", "--prefetch", "-1"), "--prefetch must be a whole number from 0 to 10000"),
+    (("work", "--max-jobs", "9223372036854775808"), "--max-jobs must be a whole number"),
+    (("work", "--max-tries", "2147483648"), "--max-tries must be a whole number"),
+    (("work", "--metrics-port", "70000"), "--metrics-port must be a whole number from 1 to 65535"),
+    (("work", "--sleep", "1e400"), "--sleep must be a number of seconds above 0 and at most"),
+    (("work", "--lease", "inf"), "--lease must be a number of seconds above 0"),
+    (("work", "--grace", "nan"), "--grace must be a number of seconds from 0 to 31536000"),
+    (("work", "--grace", "-1"), "--grace must be a number of seconds from 0"),
+    (("work", "--max-time", "nan"), "--max-time must be a number of seconds"),
+    (("work", "--timeout", "-5"), "--timeout must be a number of seconds above 0"),
+    (("work", "--metrics-interval", "0"), "--metrics-interval must be a number of seconds"),
+    (("health", "--timeout", "-1"), "--timeout must be a number of seconds above 0"),
+    (("health", "--timeout", "nan"), "--timeout must be a number of seconds above 0"),
+    (("failed", "list", "--limit", "99999999999999999999"), "--limit must be a whole number"),
+    (("failed", "list", "--limit", "0"), "--limit must be a whole number from 1 to 1000000"),
+    (("failed", "retry", "--all", "--batch-size", "99999999999"), "--batch-size must be a whole"),
+    (("failed", "show", "99999999999999999999999"), "failed job id 99999999999999999999999 is"),
+    (("failed", "retry", "1", "9223372036854775808"), "failed job id 9223372036854775808 is out"),
+    (("failed", "forget", "9223372036854775808"), "failed job id 9223372036854775808 is out"),
+    (("failed", "prune", "--older-than", "99999999999w"), "--older-than: invalid duration"),
+    (("failed", "prune", "--older-than", "1e400"), "--older-than: invalid duration '1e400'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), OUT_OF_RANGE)
+def test_out_of_range_numbers_are_one_line_before_any_database_work(
+    args: tuple[str, ...], message: str
+) -> None:
+    """The database named here does not answer: reaching it would exit 1 with its error, or
+    (a worker) keep trying; a process, so that the test ends either way."""
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/app"
+    result = run_cli(*args, "--database-url", url, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith(f"routemq-outbox: {message}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_huge_numbers_on_every_database(db_url: str, sync_engine: sa.Engine) -> None:
+    ids = add_failed(sync_engine, count=2, ago=3600)
+    for args in [
+        ("failed", "list", "--limit", "99999999999999999999"),
+        ("failed", "list", "--limit", "9223372036854775808"),
+        ("failed", "show", "99999999999999999999999"),
+        ("failed", "retry", str(ids[0]), "9223372036854775808"),
+        ("failed", "forget", "99999999999999999999999"),
+        ("failed", "prune", "--older-than", "99999999999w"),
+        ("failed", "prune", "--older-than", "100000000000000000000"),
+    ]:
+        result = refused(2, *args)
+        assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+    assert failed_ids(sync_engine) == ids
+    largest = refused(1, "failed", "show", "9223372036854775807")
+    assert largest.stderr == "routemq-outbox: failed_jobs has no job with id 9223372036854775807\n"
+    assert ok("failed", "list", "--limit", "1000000").stdout.count("ValueError: boom") == 2
+    assert ok("failed", "prune", "--older-than", "5000w").stdout.startswith("deleted 0 ")
+    assert failed_ids(sync_engine) == ids
 
 
 # ----------------------------------------------------------------------------- help, work

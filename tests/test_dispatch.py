@@ -299,7 +299,8 @@ async def test_bulk_of_ten_thousand_jobs_is_a_constant_number_of_statements(
 async def test_a_bulk_beyond_one_packet_keeps_its_order_and_is_all_or_nothing(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MySQL sends a bulk as JSON documents of a few MiB each: here, of about 2 kB."""
+    """PostgreSQL and MySQL send a bulk as JSON documents of a few MiB each: here, of about
+    2 kB."""
     monkeypatch.setattr(sql, "_JSON_CHUNK_BYTES", 2000)
     batch = [notification(i, "x" * 100) for i in range(100)]
     async with engine.connect() as conn:

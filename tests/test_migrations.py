@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from routemq_outbox.config import sync_url
 from routemq_outbox.database import create_sync_engine
 from routemq_outbox.migrate import VERSION_TABLE, downgrade, head_revision, upgrade
 from routemq_outbox.schema import include_object, metadata
@@ -203,8 +205,133 @@ async def test_upgrade_is_idempotent_and_callable_from_async_code(sqlite_url: st
     assert {"jobs", "failed_jobs"} <= tables(sqlite_url)
 
 
+APP_MODELS = """
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+orders = sa.Table("orders", metadata, sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def embed_in_an_application(
+    run: Callable[..., subprocess.CompletedProcess[str]], app: Path, url: str
+) -> None:
+    """The README's recipe: an application's alembic applies our revisions beside its own, its
+    autogenerate leaves our tables alone, and ``routemq-outbox migrate`` knows it has nothing
+    to do. ``run(*args, cwd=...)`` runs ``alembic`` and ``routemq-outbox`` of the install
+    under test."""
+    app.mkdir()
+    init = run("alembic", "init", "alembic", cwd=app)
+    assert init.returncode == 0, init.stderr
+    ini = app / "alembic.ini"
+    text = ini.read_text().replace(
+        "sqlalchemy.url = driver://user:pass@localhost/dbname",
+        "sqlalchemy.url = " + sync_url(url).render_as_string(hide_password=False),
+    )
+    assert "\npath_separator = os\n" in text
+    text = text.replace(
+        "\npath_separator = os\n",
+        "\npath_separator = space\n"
+        "version_locations = %(here)s/alembic/versions routemq_outbox:migrations/versions\n",
+    )
+    ini.write_text(text)
+    (app / "models.py").write_text(APP_MODELS)
+    env = app / "alembic" / "env.py"
+    text = env.read_text().replace(
+        "target_metadata = None",
+        "from models import metadata as target_metadata\n"
+        "from routemq_outbox.migrate import include_object",
+    )
+    assert text.count("target_metadata=target_metadata") == 2
+    text = text.replace(
+        "target_metadata=target_metadata",
+        "target_metadata=target_metadata, include_object=include_object",
+    )
+    env.write_text(text)
+    versions = str(app / "alembic" / "versions")
+
+    def alembic_ok(*args: str) -> str:
+        result = run("alembic", *args, cwd=app)
+        assert result.returncode == 0, result.stderr
+        return result.stdout + result.stderr
+
+    alembic_ok(
+        "revision",
+        "-m",
+        "app",
+        "--head",
+        "base",
+        "--rev-id",
+        "app_0001",
+        "--version-path",
+        versions,
+    )
+    assert "routemq_outbox_0002 (routemq_outbox) (head)" in alembic_ok("heads")
+    upgraded = alembic_ok("upgrade", "heads")
+    assert "routemq_outbox_0001" in upgraded
+    assert "routemq_outbox_0002" in upgraded
+    assert {"jobs", "failed_jobs", "alembic_version"} <= tables(url)
+    assert VERSION_TABLE not in tables(url)
+
+    alembic_ok(
+        "revision", "--autogenerate", "-m", "orders", "--head", "app_0001", "--rev-id", "app_0002"
+    )
+    generated = next((app / "alembic" / "versions").glob("app_0002_*.py")).read_text()
+    assert "op.create_table('orders'" in generated
+    for ours in ("jobs", "ix_", VERSION_TABLE):
+        assert ours not in generated, generated
+    alembic_ok("upgrade", "heads")
+
+    migrated = run("routemq-outbox", "migrate", "--database-url", url, cwd=app)
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stderr.endswith(
+        f"database schema is at {head_revision()} (head), recorded in alembic_version by "
+        "your application's alembic\n"
+    ), migrated.stderr
+    assert VERSION_TABLE not in tables(url)
+    assert run("routemq-outbox", "health", "--database-url", url, cwd=app).returncode == 0
+
+    alembic_ok("downgrade", "routemq_outbox@-1")
+    behind = run("routemq-outbox", "migrate", "--database-url", url, cwd=app)
+    assert behind.returncode == 2
+    assert behind.stderr == (
+        "routemq-outbox: your application's alembic applies routemq-outbox's migrations "
+        f"(alembic_version is at routemq_outbox_0001): run `alembic upgrade heads` there to "
+        f"reach {head_revision()}\n"
+    )
+    health = run("routemq-outbox", "health", "--database-url", url, cwd=app)
+    assert health.returncode == 1
+    assert "run `alembic upgrade heads` in your application" in health.stderr
+    assert VERSION_TABLE not in tables(url)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_applications_alembic_embeds_our_migrations(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """With this checkout's own install, which is editable: ``routemq_outbox:migrations/
+    versions`` must name a directory that exists there too, or alembic drops our branch."""
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    bin_dir = Path(sys.executable).parent
+
+    def run(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(bin_dir / command), *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    embed_in_an_application(run, tmp_path / "app", url)
+
+
 @pytest.mark.slow
-def test_installed_package_migrates_fresh_databases(tmp_path: Path, empty_pg_url: str) -> None:
+def test_installed_package_migrates_fresh_databases(
+    tmp_path: Path, empty_pg_url: str, empty_sqlite_url: str
+) -> None:
     """``pip install .`` into a fresh virtualenv, then ``routemq-outbox migrate`` works from
     outside the checkout, the demo of the README runs, and a user's own alembic environment
     can apply our revisions through ``version_locations``."""
@@ -248,39 +375,11 @@ def test_installed_package_migrates_fresh_databases(tmp_path: Path, empty_pg_url
     assert "failed_jobs: queue=notifications attempts=2" in demo.stdout
 
     # A user's own alembic environment, with our revisions on their own branch beside theirs.
-    app = tmp_path / "app"
-    app.mkdir()
-    init = run(str(venv / "bin" / "alembic"), "init", "alembic", cwd=app)
-    assert init.returncode == 0, init.stderr
-    ini = app / "alembic.ini"
-    text = ini.read_text().replace(
-        "sqlalchemy.url = driver://user:pass@localhost/dbname",
-        f"sqlalchemy.url = sqlite:///{app / 'app.db'}",
+    embed_in_an_application(
+        lambda command, *args, cwd: run(str(venv / "bin" / command), *args, cwd=cwd),
+        tmp_path / "app",
+        empty_sqlite_url,
     )
-    assert "\npath_separator = os\n" in text
-    text = text.replace(
-        "\npath_separator = os\n",
-        "\npath_separator = space\n"
-        "version_locations = %(here)s/alembic/versions routemq_outbox:migrations/versions\n",
-    )
-    ini.write_text(text)
-    own = run(
-        str(venv / "bin" / "alembic"),
-        "revision",
-        "-m",
-        "app tables",
-        "--head",
-        "base",
-        "--version-path",
-        str(app / "alembic" / "versions"),
-        cwd=app,
-    )
-    assert own.returncode == 0, own.stderr
-    heads = run(str(venv / "bin" / "alembic"), "upgrade", "heads", cwd=app)
-    assert heads.returncode == 0, heads.stderr
-    assert "routemq_outbox_0001" in heads.stderr
-    assert "routemq_outbox_0002" in heads.stderr
-    assert {"jobs", "failed_jobs", "alembic_version"} <= tables(f"sqlite:///{app / 'app.db'}")
 
 
 def test_postgresql_jobs_table_gets_churn_autovacuum_settings(empty_pg_url: str) -> None:
