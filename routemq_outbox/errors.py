@@ -184,8 +184,13 @@ class UnknownFailedJob(NotFound, LookupError):
     """failed_jobs holds no job with that id or uuid."""
 
 
+_BRIEF_MAX = 500
+
+
 def brief(exc: BaseException) -> str:
     """``Type: first line of the message``: an exception in one line, for logs and messages."""
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
+    if len(first) > _BRIEF_MAX:  # a log line, not a dump of whatever the message holds
+        first = first[: _BRIEF_MAX - 1] + "…"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from .errors import FailJob, JobConstructionError, JobLoadError, JobTimeout, LeaseExpired, RetryJob
-from .job import Job, decode_payload, instantiate
+from .job import Job, check_retry_delay, decode_payload, instantiate
 from .sql import Claimed
 from .threads import ThreadRunner
 
@@ -216,7 +216,13 @@ def _after_failure(
         return Outcome(Verdict.FAIL, job, error, None, duration, max_tries)
     delay = error.delay if isinstance(error, RetryJob) and error.delay is not None else None
     if delay is None:
-        delay = max(0.0, float(job.retry_delay(claimed.attempts)))
+        try:
+            delay = check_retry_delay(job.retry_delay(claimed.attempts))
+        except Exception as exc:
+            # A retry_delay() that raises, or returns a delay no engine can store, would do
+            # the same on every attempt: fail the job, saying why, rather than hold it.
+            exc.__cause__ = error
+            return Outcome(Verdict.FAIL, job, exc, None, duration, max_tries)
     return Outcome(Verdict.RETRY, job, error, delay, duration, max_tries)
 
 

@@ -443,11 +443,13 @@ class Worker:
             await self._idle()
 
     def _give_up_on(self, exc: Exception) -> None:
-        """Raise what makes waiting pointless: a configuration error, and, for a worker
-        that should stop once the queue is empty, a database that cannot serve it at all."""
+        """For a worker that should stop once the queue is empty, raise what makes waiting
+        pointless: a configuration error, a database that cannot serve the queue at all."""
+        if not self.settings.stop_when_empty:
+            return  # a long-running worker waits, e.g. for the database to be migrated
         if isinstance(exc, OutboxError):
             raise exc
-        if not self.settings.stop_when_empty or faults.is_transient(exc):
+        if faults.is_transient(exc):
             return
         where = redact(self.settings.database_url)
         missing = faults.missing_schema(exc)
@@ -1177,7 +1179,19 @@ def _log_retry(what: str, exc: Exception, pause: float) -> None:
     """A database step that failed and will be retried. Anything but the database being away
     gets its traceback, and is retried all the same: a loop that died on it would leave its
     jobs held and heartbeated, but never finished, for as long as the worker lives."""
-    if isinstance(exc, TRANSIENT):
+    missing = faults.missing_schema(exc)
+    if missing is not None:
+        log.error(
+            "%s failed: the database is missing %s (%s); run `routemq-outbox migrate`. "
+            "Retrying in %.1f s",
+            what,
+            missing,
+            _brief(exc),
+            pause,
+        )
+    elif isinstance(exc, OutboxError):  # e.g. no SQLite database file (yet)
+        log.error("%s failed: %s; retrying in %.1f s", what, exc, pause)
+    elif isinstance(exc, TRANSIENT):
         log.warning("%s failed (%s); retrying in %.1f s", what, _brief(exc), pause)
     else:
         message = "%s failed unexpectedly (%s); retrying in %.1f s"
