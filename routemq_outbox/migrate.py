@@ -118,15 +118,16 @@ class Schema:
         return self.table == APP_VERSION_TABLE
 
 
-def schema_revision(url: str | None = None) -> Schema:
-    """Read from the database which of our revisions it is at."""
+def schema_revision(url: str | None = None, *, create_file: bool = False) -> Schema:
+    """Read from the database which of our revisions it is at (``create_file``: make a
+    missing SQLite file, empty, as :func:`upgrade` is about to)."""
     from . import sql
     from .database import create_engine
 
     ours = revisions()
 
     async def read() -> dict[str, list[str]]:
-        engine = create_engine(url or database_url(), poolclass=NullPool)
+        engine = create_engine(url or database_url(), poolclass=NullPool, create_file=create_file)
         try:
             return await sql.stored_revisions(engine, [VERSION_TABLE, APP_VERSION_TABLE])
         finally:
@@ -179,7 +180,7 @@ def upgrade(
         _outside_event_loop(lambda: command.upgrade(config, target, sql=True))
         return None
     ours = revisions()
-    before = schema_revision(url)
+    before = schema_revision(url, create_file=True)
     if before.revision is not None and before.revision not in ours:
         raise ConfigurationError(
             f"the database is at revision {before.revision}, which this routemq-outbox does not "

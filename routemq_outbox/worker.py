@@ -265,6 +265,7 @@ class Worker:
         self._hook_slots = asyncio.Semaphore(settings.concurrency)
         self._abandoned: set[asyncio.Task[None]] = set()
         self._threads = ThreadRunner()
+        self._rescued = asyncio.Event()  # the first round of taking over expired leases is over
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
         self._closed_at = math.inf
         self._crash: BaseException | None = None  # why a helper loop died, if one did
@@ -362,6 +363,7 @@ class Worker:
 
     def _end(self, *, release_claimed: bool) -> None:
         self._stopping.set()
+        self._rescued.set()
         if release_claimed:
             self._starting = False
         self._wake.set()
@@ -435,6 +437,9 @@ class Worker:
                 continue  # there may be more due jobs: claim again as soon as slots allow
             if settings.stop_when_empty and not claimed:
                 if not self._busy():
+                    if not self._rescued.is_set():
+                        await self._rescued.wait()  # it may put jobs back: claim again
+                        continue
                     log.info("no due jobs left; stopping (--stop-when-empty)")
                     return
                 self._slot_freed.clear()
@@ -1030,6 +1035,7 @@ class Worker:
             except Exception as exc:
                 pause = min(backoff.next(), self.settings.heartbeat)
                 _log_retry("taking over expired leases", exc, pause)
+            self._rescued.set()
             await self._pause(pause)
 
     async def _rescue(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import sqlalchemy as sa
@@ -355,3 +356,163 @@ class AwaitsAPoisonedFuture(Job):
         # Set once the task waits on it: the task's wake-up then *throws* the exception in.
         loop.call_later(0.01, future.set_exception, GeneratorExit("poisoned future"))
         await future
+
+
+# ------------------------------------------------------------------ worker faults
+
+
+class WaitsForFile(Job):
+    """Records its start, waits (without blocking the loop) until the file ``release``
+    exists, records its end. One attempt only: a spent attempt shows in failed_jobs."""
+
+    job_name = "tests.waits_for_file"
+    max_tries = 1
+    timeout = 120
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.release = ""
+
+    async def handle(self) -> None:
+        await record(self.key, "start", self.attempt)
+        while not os.path.exists(self.release):
+            await asyncio.sleep(0.05)
+        await record(self.key, "end", self.attempt)
+
+
+class HookSleeps(Job):
+    """Fails at once; its ``failed()`` hook records, sleeps ``hook_seconds``, records."""
+
+    job_name = "tests.hook_sleeps"
+    max_tries = 1
+    timeout = 60
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.hook_seconds = 4.0
+
+    async def handle(self) -> None:
+        raise ValueError(f"{self.key} fails")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "hook start", self.attempt)
+        await asyncio.sleep(self.hook_seconds)
+        await record(self.key, "hook end", self.attempt)
+
+
+class HookHangs(Job):
+    """Fails at once; its ``failed()`` hook never returns (an alert call with no timeout)."""
+
+    job_name = "tests.hook_hangs"
+    max_tries = 1
+    timeout = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    async def handle(self) -> None:
+        raise ValueError(f"{self.key} fails")
+
+    async def failed(self, exc: BaseException) -> None:
+        await record(self.key, "hook start", self.attempt)
+        await asyncio.Event().wait()
+
+
+class SyncHook(Job):
+    """A plain ``def handle`` that fails and a plain ``def failed()`` that blocks a while."""
+
+    job_name = "tests.sync_hook"
+    max_tries = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+
+    def handle(self) -> None:  # type: ignore[override]
+        raise ValueError(f"{self.key} fails")
+
+    def failed(self, exc: BaseException) -> None:  # type: ignore[override]
+        time.sleep(1.0)
+        _log_sync(self.key, "hook end", self.attempt)
+
+
+class Stubborn(Job):
+    """Swallows every cancellation (``except BaseException: continue``, a common mistake) for
+    ``seconds`` (for ever when 0), then returns."""
+
+    job_name = "tests.stubborn"
+    max_tries = 1
+    timeout = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.seconds = 0.0
+
+    async def handle(self) -> None:
+        await record(self.key, "start", self.attempt)
+        started = time.monotonic()
+        while not self.seconds or time.monotonic() - started < self.seconds:
+            try:
+                await asyncio.sleep(0.05)
+            except BaseException:  # the mistake this job exists to make
+                continue
+
+
+# Released by the tests that leave threads hanging in this process.
+RELEASE_THREADS = threading.Event()
+
+
+class HangsInAThread(Job):
+    """A plain ``def handle`` that never returns (a socket read without a timeout) until
+    ``RELEASE_THREADS`` is set; ``for_ever`` ignores even that."""
+
+    job_name = "tests.hangs_in_a_thread"
+    max_tries = 1
+    timeout = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.for_ever = False
+
+    def handle(self) -> None:  # type: ignore[override]
+        if self.for_ever:
+            threading.Event().wait()
+        RELEASE_THREADS.wait()
+
+
+# Filled by the in-process tests of sync handlers.
+SYNC_RUNS: list[str] = []
+
+
+class SyncSleeps(Job):
+    """A plain ``def handle`` that blocks ``seconds`` (a slow HTTP call), then notes its key."""
+
+    job_name = "tests.sync_sleeps"
+    max_tries = 1
+    timeout = 1.8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = ""
+        self.seconds = 1.0
+
+    def handle(self) -> None:  # type: ignore[override]
+        time.sleep(self.seconds)
+        SYNC_RUNS.append(self.key)
+
+
+class InfiniteRetryDelay(Job):
+    """Fails, and asks for a retry delay no database can store."""
+
+    job_name = "tests.infinite_retry_delay"
+    max_tries = 3
+
+    async def handle(self) -> None:
+        raise ValueError("fails")
+
+    def retry_delay(self, attempt: int) -> float:
+        return float("inf")
