@@ -332,6 +332,9 @@ class Worker:
             timer = self._loop.call_later(settings.max_time, self._end_of_time)
         try:
             await self._claim_loop()
+        except asyncio.CancelledError:
+            self.stop()  # cancelling run() stops the worker as stop() does, grace included
+            raise
         finally:
             if timer:
                 timer.cancel()

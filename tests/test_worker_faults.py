@@ -172,7 +172,7 @@ async def test_one_rescue_round_takes_every_expired_job(
     db_url: str, engine: AsyncEngine, log_table: None
 ) -> None:
     """More expired jobs than a batch: the rescue loops until a batch comes back short,
-    rather than take one batch per heartbeat interval (20 s here)."""
+    rather than take one batch per heartbeat interval (100 s here)."""
     await queue.bulk([record(f"k{i}") for i in range(250)])
     async with engine.begin() as conn:
         await conn.execute(
@@ -183,7 +183,7 @@ async def test_one_rescue_round_takes_every_expired_job(
                 lease_expires_at=db_now_plus(sa.literal(-60.0, sa.Float())),
             )
         )
-    worker = Worker(settings(db_url, lease=60, concurrency=50, stop_when_empty=False))
+    worker = Worker(settings(db_url, lease=300, concurrency=50, stop_when_empty=False))
     task = asyncio.create_task(worker.run())
     await until(lambda: _all_ran(engine, 250), 45, "every rescued job to run")
     worker.stop()
