@@ -299,9 +299,12 @@ async def test_a_missing_sqlite_file_is_refused_not_created(
         await admin.queue_stats(engine)
     await engine.dispose()
     caplog.set_level(logging.WARNING, "routemq_outbox")
-    stats = await asyncio.wait_for(Worker(settings(url, max_time=1.0)).run(), 60)
+    waiting = Worker(settings(url, max_time=1.0, stop_when_empty=False))
+    stats = await asyncio.wait_for(waiting.run(), 60)
     assert stats.claimed == 0
-    assert message in caplog.text  # the worker waits for the database, saying why
+    assert message in caplog.text  # a long-running worker waits for the database, saying why
+    with pytest.raises(ConfigurationError, match=message):  # one told to stop does not
+        await asyncio.wait_for(Worker(settings(url)).run(), 60)
     assert not path.exists()
 
     made = create_sync_engine(url, create_file=True)
