@@ -346,6 +346,13 @@ def _dispose_shared_sync_engines() -> Iterator[None]:
 
 
 @pytest.fixture
+async def orders(engine: AsyncEngine) -> None:
+    """An ``orders`` table for the business writes that share a transaction with a dispatch."""
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
+
+
+@pytest.fixture
 async def log_table(engine: AsyncEngine) -> None:
     """The ``job_log`` table that the jobs of tests/jobs.py write to."""
     from .jobs import CREATE_LOG

@@ -22,7 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from routemq_outbox import Job, RetryJob, dispatch, queue
 from routemq_outbox.errors import MAX_DELAY_SECONDS, InvalidDelay, JobDefinitionError
 from routemq_outbox.job import check_retry_delay
-from routemq_outbox.schema import db_now, jobs
+from routemq_outbox.schema import db_now
+
+from .test_payloads import jobs_rows, order_count
 
 
 class Later(Job):
@@ -40,29 +42,6 @@ def a_job(key: str = "later") -> Later:
     job = Later()
     job.key = key
     return job
-
-
-async def jobs_rows(engine: AsyncEngine) -> list[sa.Row[Any]]:
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            sa.select(
-                sa.cast(jobs.c.payload, sa.Text).label("payload"),
-                jobs.c.available_at,
-                jobs.c.created_at,
-            ).order_by(jobs.c.id)
-        )
-        return list(result.all())
-
-
-@pytest.fixture
-async def orders(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
-
-
-async def order_count(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        return int((await conn.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one())
 
 
 # ----------------------------------------------------------------------------- delays

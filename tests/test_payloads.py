@@ -106,12 +106,6 @@ async def jobs_rows(engine: AsyncEngine) -> list[sa.Row[Any]]:
         return list(result.all())
 
 
-@pytest.fixture
-async def orders(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
-
-
 async def order_count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one())
