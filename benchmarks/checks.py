@@ -72,6 +72,10 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
         "drain_ours_over_pgqueuer": _ratio(drain("routemq"), drain("pgqueuer")),
         "drain_ours_over_procrastinate": _ratio(drain("routemq"), drain("procrastinate")),
         "drain_ours_over_raw_ceiling": _ratio(drain("routemq"), drain("raw_ceiling")),
+        # The CLI with its default flags against the in-process drain and the ceiling: how
+        # much of the in-process rate a user running `routemq-outbox work` gets.
+        "drain_cli_over_in_process": _ratio(drain("routemq_cli"), drain("routemq")),
+        "drain_cli_over_raw_ceiling": _ratio(drain("routemq_cli"), drain("raw_ceiling")),
         "enqueue_ours_over_pgqueuer": _ratio(enqueue("routemq"), enqueue("pgqueuer")),
         "enqueue_ours_over_procrastinate": _ratio(enqueue("routemq"), enqueue("procrastinate")),
         "claim_large_over_small": _ratio(
@@ -200,6 +204,8 @@ def find_problems(results: dict[str, Any], systems: tuple[str, ...]) -> list[str
             )
 
     drainers = enqueuers + (["raw_ceiling"] if "raw" in systems else [])
+    if "routemq" in systems:
+        drainers.append("routemq_cli")
     for system in drainers:
         entry = _get(results, "drain", system) or {}
         _positive(problems, f"drain {system} jobs/s", entry.get("jobs_per_s"))

@@ -31,6 +31,8 @@ __all__ = [
     "dispatch_child",
     "dispatch_variants",
     "drain_child",
+    "drain_cli",
+    "drain_cli_flags",
     "latency",
     "load_backlog",
     "setup",
@@ -141,11 +143,14 @@ async def drain_child(
     jobs: int,
     concurrency: int = DRAIN_CONCURRENCY,
     batch_size: int = DRAIN_BATCH_SIZE,
+    prefetch: int | None = None,
 ) -> dict[str, Any]:
     """Run a Worker with ``stop_when_empty`` over the backlog already in ``url``.
 
     The worker is the library's own ``Worker.run()``, exactly what the CLI calls, minus
     interpreter start-up and argument parsing, which are not the queue's throughput.
+    ``prefetch`` is the worker's (None: its default, as many as ``concurrency``); the suite
+    leaves it at the default, comparisons of prefetch settings pass it.
     """
     from routemq_outbox import Worker, WorkerSettings
     from routemq_outbox.database import create_engine
@@ -156,6 +161,7 @@ async def drain_child(
         database_url=url,
         concurrency=concurrency,
         batch_size=batch_size,
+        prefetch=prefetch,
         stop_when_empty=True,
     )
     # The engine the worker would make for itself, with the connections it holds for good
@@ -178,6 +184,7 @@ async def drain_child(
         left=left,
         concurrency=concurrency,
         batch_size=batch_size,
+        prefetch=settings.buffer,
         claim_statements=claims,
         delete_statements=deletes,
         jobs_per_claim=stats.claimed / claims if claims else None,
@@ -462,6 +469,78 @@ async def latency(
     finally:
         await engine.dispose()
         await session.stop(worker, grace=10)
+
+
+def drain_cli_flags(concurrency: int = DRAIN_CONCURRENCY) -> list[str]:
+    """The CLI drain's flags: the defaults, except what makes it stop and its concurrency.
+
+    ``--concurrency`` is the in-process drain's, so the two compare; everything else
+    (``--batch-size``, ``--prefetch``, logging at INFO in text to stderr, LISTEN) is left at
+    what ``routemq-outbox work`` does when not told otherwise.
+    """
+    return ["--concurrency", str(concurrency), "--stop-when-empty"]
+
+
+async def drain_cli(
+    session: Session,
+    url: str,
+    jobs: int,
+    *,
+    concurrency: int = DRAIN_CONCURRENCY,
+    extra: tuple[str, ...] = (),
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """The real CLI, ``routemq-outbox work`` with its default flags, draining the backlog
+    already in ``url`` until it stops by itself (``--stop-when-empty``).
+
+    Its log goes where a user's would when a service manager or a shell redirect captures
+    stderr: to a file (the child's ``.err`` file). An atexit hook in :mod:`benchmarks.jobs`
+    (see ``CLOCK_ENV``) writes the process's clock: when the CLI imported the job modules
+    (``--import``, just before it builds its worker and starts its event loop), when the
+    first job started, and when the process ended.
+
+    The rate is the backlog over the time from the first job's start to the end of the
+    process: the worker's steady drain, its shutdown (the last deletes, closing its
+    connections, the event loop) included. What comes before the first job (making the
+    engine, opening connections, the first claim: ``startup_seconds``) is a cost a worker
+    pays once in its life, as is interpreter start-up; the in-process drain opens its
+    connections before its clock starts too. ``jobs_per_s_from_import`` and
+    ``jobs_per_s_incl_startup`` (from spawning the process to its exit) include them.
+    ``extra`` adds flags, for comparisons outside the suite (e.g. ``--prefetch 0``).
+    """
+    from .jobs import CLOCK_ENV
+
+    clock = session.marks_path(f"drain-cli-{len(session.children)}")
+    args = cli_args(url, *drain_cli_flags(concurrency), *extra)
+    started = time.perf_counter()
+    worker = await session.spawn("routemq-drain-cli", args, {CLOCK_ENV: str(clock)})
+    code = await session.wait(worker, timeout)
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise harness.ChildFailed(f"CLI worker exited with {code}\n{worker.tail()}")
+    text = clock.read_text().strip()
+    times = json.loads(text) if text else {}
+    if times.get("first_handle") is None:
+        raise harness.ChildFailed(f"CLI worker ran no job or wrote no clock\n{worker.tail()}")
+    from_import = times["exited"] - times["imported"]
+    left = await harness.fetchval(url, "SELECT count(*) FROM jobs")
+    log_lines = worker.stderr_path.read_text(errors="replace").splitlines()
+    return {
+        "seconds": times["exited"] - times["first_handle"],
+        "cpu_seconds": times["cpu_seconds_from_first_handle"],
+        "jobs": jobs,
+        "handled": times["handled"],
+        "left": left,
+        "startup_seconds": times["first_handle"] - times["imported"],
+        "seconds_from_import": from_import,
+        "jobs_per_s_from_import": jobs / from_import,
+        "cpu_seconds_from_import": times["cpu_seconds_from_import"],
+        "wall_seconds": wall,
+        "jobs_per_s_incl_startup": jobs / wall,
+        "args": [a if a != url else "<url>" for a in args[1:]],
+        "log_lines": len(log_lines),
+        "log_bytes": worker.stderr_path.stat().st_size,
+    }
 
 
 async def worker_rss(session: Session, url: str, backlog: int, timeout: float) -> dict[str, Any]:

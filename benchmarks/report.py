@@ -25,6 +25,10 @@ def _x(value: Any) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def _ms(seconds: Any) -> Any:
+    return seconds * 1000 if isinstance(seconds, int | float) else None
+
+
 def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{value * 100:+.1f}%"
 
@@ -51,7 +55,7 @@ def _rate_row(
     row = [
         label,
         _num(entry.get("jobs_per_s")),
-        "" if label == "routemq-outbox" else _x(ratio),
+        "" if label.startswith("routemq-outbox") else _x(ratio),
         _num(entry.get("client_cpu_us_per_job")),
     ]
     return row if note is None else [*row, note]
@@ -151,6 +155,15 @@ def render(results: dict[str, Any]) -> str:
         f"{_num(ours_drain.get('jobs_per_claim'))} jobs/claim, "
         f"{_num(ours_drain.get('jobs_per_delete'))} jobs/delete",
     )
+    cli_drain = drain.get("routemq_cli", {})
+    cli_flags = " ".join(settings.get("routemq_drain_cli", {}).get("flags", []))
+    cli_row = _rate_row(
+        "routemq-outbox CLI",
+        cli_drain,
+        None,
+        f"`work {cli_flags}`, other flags default; stderr to a file "
+        f"({_num(cli_drain.get('log_lines'))} log lines)",
+    )
     raw_row = _rate_row(
         "raw SQL ceiling",
         drain.get("raw_ceiling"),
@@ -159,10 +172,11 @@ def render(results: dict[str, Any]) -> str:
         f"claim {sizes['raw_batch']} + delete",
     )
     drain_rows = (
-        [ours_row, raw_row]
+        [ours_row, cli_row, raw_row]
         if mysql
         else [
             ours_row,
+            cli_row,
             _rate_row(
                 "PgQueuer",
                 pgq,
@@ -182,6 +196,14 @@ def render(results: dict[str, Any]) -> str:
         ["system", "jobs/s", "ours / system", "client CPU us/job", "settings"],
         drain_rows,
         left=(0, 4),
+    )
+    out.append(
+        "  CLI: from its first job's start to its exit; "
+        f"{_num(_ms(cli_drain.get('startup_seconds')))} ms before that (engine, connections, "
+        f"first claim): {_num(cli_drain.get('jobs_per_s_from_import'))} jobs/s with it, "
+        f"{_num(cli_drain.get('jobs_per_s_incl_startup'))} with interpreter start-up too. "
+        f"CLI / in-process {_x(ratios.get('drain_cli_over_in_process'))}, "
+        f"CLI / raw ceiling {_x(ratios.get('drain_cli_over_raw_ceiling'))}"
     )
 
     tps = results.get("dispatch", {}).get("median_tps", {})

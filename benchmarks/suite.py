@@ -177,30 +177,49 @@ class Run:
         sizes = self.sizes
 
         async def enqueue_and_drain() -> None:
-            enqueues, drains = [], []
-            for _ in range(sizes.repeats):
-                await harness.reset_tables(url, ours.TABLES)
-                enqueues.append(
-                    _rate(
+            enqueues, drains, cli_drains = [], [], []
+            for round_number in range(sizes.repeats):
+                # The in-process drain and the CLI's take turns going first, so that a slow
+                # drift of the machine is not always charged to the same one.
+                kinds = ("in_process", "cli") if round_number % 2 == 0 else ("cli", "in_process")
+                for kind in kinds:
+                    await harness.reset_tables(url, ours.TABLES)
+                    enqueued = _rate(
                         await self.session.run_child(
                             "benchmarks.ours:bulk_enqueue_child",
                             {"url": url, "jobs": sizes.jobs, "chunk": sizes.enqueue_chunk},
                         )
                     )
-                )
-                # The enqueued jobs are the drain's backlog: vacuumed and analyzed first.
-                await harness.vacuum_analyze(url, ["jobs"])
-                drains.append(
-                    _rate(
-                        await self.session.run_child(
-                            "benchmarks.ours:drain_child",
-                            {"url": url, "jobs": sizes.jobs},
-                            loop="uvloop",  # as `routemq-outbox work` runs
+                    # The enqueued jobs are the drain's backlog: vacuumed and analyzed first.
+                    await harness.vacuum_analyze(url, ["jobs"])
+                    if kind == "cli":
+                        # The same backlog, drained by `routemq-outbox work` with its
+                        # defaults; its enqueue is set-up here, not a sample. A failure is
+                        # written down without losing the in-process drain's numbers.
+                        try:
+                            cli = await ours.drain_cli(self.session, url, sizes.jobs)
+                        except Exception as exc:
+                            self.errors.append(
+                                f"routemq-outbox CLI drain failed: {type(exc).__name__}: {exc}"
+                            )
+                            self.progress(f"CLI drain FAILED:\n{traceback.format_exc()}")
+                        else:
+                            cli_drains.append(_rate(cli))
+                        continue
+                    enqueues.append(enqueued)
+                    drains.append(
+                        _rate(
+                            await self.session.run_child(
+                                "benchmarks.ours:drain_child",
+                                {"url": url, "jobs": sizes.jobs},
+                                loop="uvloop",  # as `routemq-outbox work` runs
+                            )
                         )
                     )
-                )
             self.results["bulk_enqueue"]["routemq"] = _best(enqueues)
             self.results["drain"]["routemq"] = _best(drains)
+            if cli_drains:
+                self.results["drain"]["routemq_cli"] = _best(cli_drains)
 
         async def dispatch() -> None:
             self.results["dispatch"] = await self.session.run_child(
@@ -472,6 +491,7 @@ async def run_async(
             "concurrency": ours.DRAIN_CONCURRENCY,
             "batch_size": ours.DRAIN_BATCH_SIZE,
         },
+        "routemq_drain_cli": {"flags": ours.drain_cli_flags()},
     }
     if family == "mysql":
         settings["latency_poll_sleeps_s"] = [1.0, FAST_POLL_S]
