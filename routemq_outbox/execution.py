@@ -253,7 +253,10 @@ async def run(
     assert task is not None, "the worker sets Attempt.task before the attempt starts"
     attempt.deadline = time.monotonic() + limit
     try:
-        await _call(job.handle, _is_async(type(job).handle), threads)
+        if _is_async(type(job).handle):
+            await job.handle()  # the common case, without a coroutine of ours around it
+        else:
+            await _call(job.handle, False, threads)
     except asyncio.CancelledError as exc:
         if attempt.timed_out and task.uncancel() == 0:
             error = JobTimeout(

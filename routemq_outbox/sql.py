@@ -572,8 +572,8 @@ async def finish(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int
 
 
 async def count_attempts(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:
-    """Count an attempt of held jobs claimed ahead, which are about to start; returns how many
-    this worker still held."""
+    """Count an attempt of held jobs claimed ahead, which have started; returns how many this
+    worker still held."""
     every = sa.update(jobs).values(attempts=jobs.c.attempts + 1)
     return await _by_pairs(conn, pairs, _COUNT_ASYNCPG, _COUNT_POSTGRESQL, every)
 
@@ -597,17 +597,21 @@ async def release(
     *,
     delay: float | None,
     refund_attempt: bool = False,
+    count_attempt: bool = False,
 ) -> int:
     """Return held jobs to pending.
 
     ``delay`` seconds from now sets ``available_at`` (``None`` keeps it); ``refund_attempt``
-    takes back the attempt the claim counted (used at shutdown, for jobs that never finished).
+    takes back the attempt the claim counted (used at shutdown, for jobs that never finished);
+    ``count_attempt`` counts one that was not counted yet (a job claimed ahead that ran).
     """
     values: dict[str, Any] = {"reserved_at": None, "token": None, "lease_expires_at": None}
     if delay is not None:
         values["available_at"] = db_now_plus(sa.literal(float(delay), sa.Float()))
     if refund_attempt:
         values["attempts"] = sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0)
+    elif count_attempt:
+        values["attempts"] = jobs.c.attempts + 1
     async with conn.begin():
         result = await conn.execute(
             sa.update(jobs).where(_held(conn.dialect.name, pairs)).values(values)

@@ -66,14 +66,16 @@ log = logging.getLogger("routemq_outbox.worker")
 _BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
+_COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs before it is counted
 _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
 _CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
 _SUMMARY_EVERY = 60.0  # seconds between the INFO lines that sum up what was done
 
 _Key = tuple[int, int]  # (job id, token): one claim of one job
 # What a held claim is: its attempt not counted (claimed ahead, or taken over from a silent
-# worker), counted (running, or about to), or done (its success not yet deleted).
-_UNCOUNTED, _COUNTED, _DONE = 0, 1, 2
+# worker), started with its attempt not counted yet, counted, or done (its success not yet
+# deleted).
+_UNCOUNTED, _STARTED, _COUNTED, _DONE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -251,11 +253,10 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._changed = asyncio.Event()  # a job or hook ended: shutdown re-checks what is left
         self._running: dict[asyncio.Task[None], Attempt] = {}
-        # Claimed ahead, attempt not counted yet: waiting for a slot, then being counted.
+        # Claimed ahead, attempt not counted: waiting for a slot.
         self._waiting: collections.deque[sql.Claimed] = collections.deque()
-        self._marking: list[sql.Claimed] = []
-        self._in_flight: list[sql.Claimed] = []
-        self._marks_ready = asyncio.Event()
+        # Started from there, attempt not counted yet: when each started (monotonic).
+        self._uncounted: dict[_Key, float] = {}
         self._ready: list[_Key] = []  # attempt counted, but claimed as the worker stopped
         self._starting = True  # False once stopping: claimed jobs are released, not run
         self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
@@ -312,7 +313,7 @@ class Worker:
         # These finish their round when the worker closes; the others are cancelled then.
         finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
-            asyncio.create_task(self._starter(), name="routemq-outbox starter"),
+            asyncio.create_task(self._counter(), name="routemq-outbox counter"),
             asyncio.create_task(self._heartbeats(), name="routemq-outbox heartbeats"),
             asyncio.create_task(self._rescuer(), name="routemq-outbox rescue"),
         ]
@@ -345,7 +346,6 @@ class Worker:
             self._closed.set()
             self._closed_at = time.monotonic()
             self._done_ready.set()
-            self._marks_ready.set()
             for helper in cancelled:
                 helper.cancel()
             await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
@@ -394,12 +394,7 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     def _free_slots(self) -> int:
-        return (
-            self.settings.concurrency
-            - len(self._running)
-            - len(self._marking)
-            - len(self._in_flight)
-        )
+        return self.settings.concurrency - len(self._running)
 
     def _budget(self) -> int:
         settings = self.settings
@@ -411,7 +406,7 @@ class Worker:
         return min(free, settings.batch_size)
 
     def _busy(self) -> bool:
-        return bool(self._running or self._waiting or self._marking or self._in_flight)
+        return bool(self._running or self._waiting)
 
     async def _claim_loop(self) -> None:
         settings = self.settings
@@ -523,60 +518,59 @@ class Worker:
     # ------------------------------------------------------------------ starting
 
     def _refill(self) -> None:
-        """Hand free slots to jobs claimed ahead; the starter counts their attempts first."""
+        """Start jobs claimed ahead in the slots that are free."""
         while self._waiting and self._starting and self._free_slots() > 0:
-            self._marking.append(self._waiting.popleft())
-        if self._marking:
-            self._marks_ready.set()
+            claimed = self._waiting.popleft()
+            key = (claimed.id, claimed.token)
+            self._held[key] = _STARTED
+            self._uncounted[key] = time.monotonic()
+            self._start(
+                sql.Claimed(
+                    claimed.id, claimed.queue, claimed.payload, claimed.attempts + 1, key[1]
+                )
+            )
 
-    async def _starter(self) -> None:
-        """Count the attempts of jobs claimed ahead, in batches, then start them.
+    async def _counter(self) -> None:
+        """Count in the database the attempts of jobs started from those claimed ahead, once
+        they have run for ``_COUNT_AFTER`` seconds.
 
-        A job's attempt is counted in the database before its code runs, so that a job that
-        crashes its worker spends its attempts as it should; and only then, so that a job
-        claimed ahead by a worker that crashed before starting it has not spent one.
+        A job claimed ahead has no attempt counted, so that one whose worker crashes before
+        starting it has spent none. Counting it as it starts would cost a row write per job;
+        most jobs finish sooner (their success deletes the row, and a retry or failure
+        records the attempt itself), so only the jobs still running then are counted, in one
+        statement. A job that crashes its worker within that moment does not spend the
+        attempt; it is among the first claimed again, and a claim for a free slot counts it.
         """
-        backoff = _Backoff()
         lane = _Lane(self.engine)
         try:
-            while True:
-                await self._marks_ready.wait()
-                self._marks_ready.clear()
-                if not self._marking:
-                    if self._closed.is_set():
-                        return
+            while not self._closed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), _COUNT_AFTER)
+                due = time.monotonic() - _COUNT_AFTER
+                keys = [key for key, started in self._uncounted.items() if started <= due]
+                if not keys:
                     continue
-                batch, self._marking = self._marking, []
-                self._in_flight = batch
+                # Counted from now on: a retry adds nothing. (Should this statement fail, a
+                # retry recorded meanwhile has lost the attempt: at worst one more run.)
+                for key in keys:
+                    del self._uncounted[key]
+                    if self._held.get(key) == _STARTED:
+                        self._held[key] = _COUNTED
                 try:
-                    await sql.count_attempts(await lane.get(), [(c.id, c.token) for c in batch])
+                    await sql.count_attempts(await lane.get(), keys)
                 except Exception as exc:
                     await lane.reset()
-                    self._in_flight = []
-                    if not self._starting or self._closed.is_set():
-                        # Stopping: they go back unspent (the count may have been lost).
-                        self._waiting.extendleft(reversed(batch))
-                        self._changed.set()
-                        continue
-                    self._marking = batch + self._marking
-                    pause = backoff.next()
-                    _log_retry("counting the attempts of prefetched jobs", exc, pause)
-                    await self._pause(pause)
-                    self._marks_ready.set()
-                    continue
-                backoff.reset()
-                self._in_flight = []
-                for claimed in batch:
-                    key = (claimed.id, claimed.token)
-                    self._held[key] = _COUNTED
-                    if self._starting:
-                        self._start(claimed._replace(attempts=claimed.attempts + 1))
-                    else:
-                        self._ready.append(key)
-                self._changed.set()
-                self._slot_freed.set()
+                    # Not counted after all: those still held get another chance.
+                    for key in keys:
+                        if self._held.get(key) == _COUNTED and key in self._running_keys():
+                            self._held[key] = _STARTED
+                            self._uncounted[key] = time.monotonic() - _COUNT_AFTER
+                    _log_retry("counting attempts", exc, _COUNT_AFTER)
         finally:
             await lane.reset()
+
+    def _running_keys(self) -> set[_Key]:
+        return {(a.claimed.id, a.claimed.token) for a in self._running.values()}
 
     # ------------------------------------------------------------------ running
 
@@ -611,6 +605,7 @@ class Worker:
             if attempt.abandoned:
                 return
             log.exception("internal error while processing job id=%d", claimed.id)
+            self._uncounted.pop(key, None)
             # Its outcome is unknown: stop renewing its lease rather than hold it for as long
             # as this worker lives. Once the lease runs out, the rescue retries or fails it.
             if self._held.pop(key, None) is not None:
@@ -631,6 +626,7 @@ class Worker:
 
     def _succeeded(self, claimed: sql.Claimed, key: _Key, outcome: Outcome) -> None:
         self.stats.succeeded += 1
+        self._uncounted.pop(key, None)  # its row goes: nothing to count
         self._held[key] = _DONE
         self._done.append(key)
         self._done_ready.set()
@@ -709,7 +705,11 @@ class Worker:
             return
         key = (claimed.id, claimed.token)
         delay = outcome.delay
-        held, problem = await self._write(lambda conn: sql.release(conn, [key], delay=delay))
+        # A job started from those claimed ahead, whose attempt is not counted yet.
+        count = self._uncounted.pop(key, None) is not None
+        held, problem = await self._write(
+            lambda conn: sql.release(conn, [key], delay=delay, count_attempt=count)
+        )
         if held is None and problem is not None:
             # The database refuses this retry for good (a delay it cannot store, say): fail
             # the job, rather than hold it until the worker exits and run it again then.
@@ -754,6 +754,7 @@ class Worker:
         error = outcome.error
         assert error is not None
         key = (claimed.id, claimed.token)
+        self._uncounted.pop(key, None)  # failed_jobs records the attempts, the row goes
         record = sql.FailedRecord(
             uuid=str(uuid.uuid4()),
             connection=self.settings.connection_name,
@@ -913,13 +914,7 @@ class Worker:
     # ------------------------------------------------------------------ shutdown
 
     def _active(self) -> bool:
-        return bool(
-            self._running
-            or self._hooks
-            or self._marking
-            or self._in_flight
-            or (self._starting and self._waiting)
-        )
+        return bool(self._running or self._hooks or (self._starting and self._waiting))
 
     async def _drain(self) -> None:
         """Wait for what is running: jobs, ``failed()`` hooks, and, when the worker ends by
@@ -930,7 +925,7 @@ class Worker:
         if self._active():
             log.info(
                 "waiting for %d running jobs%s",
-                len(self._running) + len(self._marking) + len(self._in_flight),
+                len(self._running),
                 "" if self._stop_at is None else f" (up to {self.settings.grace:g} s)",
             )
         while self._active():
@@ -960,11 +955,9 @@ class Worker:
             self._abandon_hook(attempt)
 
     async def _release_unstarted(self) -> None:
-        """Jobs claimed but not started go back to pending, unspent. Those whose attempt is
-        being counted right now are left for :meth:`_release_unfinished`."""
-        waiting = [(job.id, job.token) for job in (*self._waiting, *self._marking)]
+        """Jobs claimed but not started go back to pending, unspent."""
+        waiting = [(job.id, job.token) for job in self._waiting]
         self._waiting.clear()
-        self._marking.clear()
         ready, self._ready = self._ready, []
         await self._release(waiting, refund=False)
         await self._release(ready, refund=True)
@@ -973,10 +966,10 @@ class Worker:
         """Jobs still held at exit go back to pending without spending an attempt. Jobs
         that finished, but whose deletion failed, are left to their lease: releasing them
         would run them again at once."""
-        by_state: dict[int, list[_Key]] = {_UNCOUNTED: [], _COUNTED: [], _DONE: []}
+        by_state: dict[int, list[_Key]] = {_UNCOUNTED: [], _STARTED: [], _COUNTED: [], _DONE: []}
         for key, state in self._held.items():
             by_state[state].append(key)
-        await self._release(by_state[_UNCOUNTED], refund=False)
+        await self._release(by_state[_UNCOUNTED] + by_state[_STARTED], refund=False)
         await self._release(by_state[_COUNTED], refund=True)
 
     async def _release(self, keys: list[_Key], *, refund: bool) -> None:

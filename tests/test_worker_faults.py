@@ -382,6 +382,28 @@ async def test_prefetched_jobs_keep_their_attempt_when_the_worker_is_killed(
         assert await events(engine, key, "end") == [1]
 
 
+async def test_a_job_started_from_those_claimed_ahead_spends_its_attempt(
+    db_url: str, engine: AsyncEngine, log_table: None, tmp_path: Path
+) -> None:
+    """Claimed ahead, its attempt is not counted; once it has run a moment, it is: a crash
+    now would spend it, as for any job that ran."""
+    release = tmp_path / "release"
+    waits = test_jobs.WaitsForFile()
+    waits.key, waits.release = "ahead", str(release)
+    await queue.bulk([record("first"), waits])
+    worker = Worker(settings(db_url, concurrency=1, prefetch=1))
+    task = asyncio.create_task(worker.run())
+    await until(lambda: _logged(engine, "ahead", "start"), 30, "the job claimed ahead")
+    await until(lambda: _attempts_are(engine, [1]), 5, "its attempt to be counted")
+    release.touch()
+    stats = await asyncio.wait_for(task, 30)
+    assert (stats.succeeded, stats.failed) == (2, 0)
+
+
+async def _attempts_are(engine: AsyncEngine, expected: list[int]) -> bool:
+    return [r.attempts for r in await job_rows(engine)] == expected
+
+
 async def _all_reserved(engine: AsyncEngine) -> bool:
     rows = await job_rows(engine)
     return len(rows) == 4 and all(r.reserved_at is not None for r in rows)
