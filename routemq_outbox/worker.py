@@ -46,11 +46,11 @@ from .execution import (
     describe,
     judge_expired,
     run,
-    run_hook,
     timed_out,
 )
 from .faults import TRANSIENT
-from .job import Job, validate_queue_name
+from .hooks import Hooks
+from .job import validate_queue_name
 from .threads import ThreadRunner
 
 __all__ = [
@@ -262,10 +262,15 @@ class Worker:
         self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
         self._done: list[_Key] = []
         self._done_ready = asyncio.Event()
-        self._hooks: dict[asyncio.Task[None], Attempt] = {}
-        self._hook_slots = asyncio.Semaphore(settings.concurrency)
         self._abandoned: set[asyncio.Task[None]] = set()
         self._threads = ThreadRunner()
+        self._hooks = Hooks(
+            concurrency=settings.concurrency,
+            time_limit=settings.timeout,
+            threads=self._threads,
+            ended=self._changed.set,
+            abandoned=self._keep_abandoned,
+        )
         self._rescued = asyncio.Event()  # the first round of taking over expired leases is over
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
         self._closed_at = math.inf
@@ -644,10 +649,7 @@ class Worker:
                 attempt.expire(now, _CANCEL_WAIT)
                 if attempt.abandon_at <= now and attempt.stuck(now):
                     self._abandon(attempt)
-            for attempt in list(self._hooks.values()):
-                attempt.expire(now, _CANCEL_WAIT)
-                if attempt.abandon_at <= now and attempt.stuck(now):
-                    self._abandon_hook(attempt)
+            self._hooks.watch(now, _CANCEL_WAIT)
 
     def _abandon(self, attempt: Attempt) -> None:
         """Free the slot of an attempt that ignored its cancellation (its code still runs).
@@ -679,15 +681,6 @@ class Worker:
             )
             self._held.pop(key, None)
             self._slot_ended(attempt)
-
-    def _abandon_hook(self, attempt: Attempt) -> None:
-        log.error(
-            "failed() of job id=%d ignored being cancelled; it is no longer waited for",
-            attempt.claimed.id,
-        )
-        self._keep_abandoned(attempt)
-        self._hooks.pop(attempt.task, None)  # type: ignore[arg-type]
-        self._changed.set()
 
     def _keep_abandoned(self, attempt: Attempt) -> None:
         attempt.abandoned = True
@@ -793,39 +786,7 @@ class Worker:
             ran=ran,
         )
         if outcome.job is not None:
-            self._spawn_hook(claimed, outcome.job, error)
-
-    def _spawn_hook(self, claimed: sql.Claimed, job: Job, error: BaseException) -> None:
-        """Run ``job.failed(error)`` in a task of its own: neither a slot nor lease
-        maintenance waits for it."""
-        attempt = Attempt(claimed)
-        attempt.job = job
-        attempt.task = task = self._loop.create_task(self._hook(attempt, job, error))
-        self._hooks[task] = attempt
-
-    async def _hook(self, attempt: Attempt, job: Job, error: BaseException) -> None:
-        job_id = attempt.claimed.id
-        try:
-            async with self._hook_slots:  # at most --concurrency hooks at once
-                attempt.limit = self.settings.timeout or job.timeout
-                attempt.deadline = time.monotonic() + attempt.limit
-                await run_hook(job, error, self._threads)
-        except asyncio.CancelledError:
-            if attempt.timed_out:
-                log.error(
-                    "failed() of job id=%d ran longer than %g s; cancelled", job_id, attempt.limit
-                )
-            else:
-                log.warning("failed() of job id=%d was interrupted at shutdown", job_id)
-        except BaseException:
-            # Like handle(): SystemExit or KeyboardInterrupt raised by job code must not
-            # escape into the event loop, which would stop the whole worker.
-            log.exception("failed() of job id=%d raised", job_id)
-        finally:
-            attempt.deadline = math.inf
-            if not attempt.abandoned:
-                self._hooks.pop(attempt.task, None)  # type: ignore[arg-type]
-                self._changed.set()
+            self._hooks.spawn(claimed, outcome.job, error)
 
     async def _write(
         self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]
@@ -938,12 +899,12 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
         self._starting = False
-        cut = [*self._running.values(), *self._hooks.values()]
-        if not cut:
+        if not (self._running or self._hooks):
             return
         log.warning("grace period over: interrupting %d jobs", len(self._running))
-        for attempt in cut:
+        for attempt in self._running.values():
             attempt.cancel(_CANCEL_WAIT)
+        self._hooks.cancel(_CANCEL_WAIT)
         deadline = time.monotonic() + _CANCEL_WAIT
         while (self._running or self._hooks) and (left := deadline - time.monotonic()) > 0:
             self._changed.clear()
@@ -951,8 +912,7 @@ class Worker:
                 await asyncio.wait_for(self._changed.wait(), left)
         for attempt in list(self._running.values()):
             self._abandon(attempt)
-        for attempt in list(self._hooks.values()):
-            self._abandon_hook(attempt)
+        self._hooks.abandon_all()
 
     async def _release_unstarted(self) -> None:
         """Jobs claimed but not started go back to pending, unspent."""
@@ -1046,7 +1006,9 @@ class Worker:
             for claimed in rescued:
                 outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
                 await self._apply(claimed, outcome, ran=False)
-            if len(rescued) < limit:
+            if not rescued:
+                # Not "fewer than the limit": a row another transaction held for a moment
+                # was skipped (SKIP LOCKED), and the next statement may take it.
                 return
 
     # ------------------------------------------------------------------ reporting
