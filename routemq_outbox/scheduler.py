@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -67,12 +68,26 @@ class _Entry:
     next_slot: datetime | None = None  # the first slot after the last successful check
 
 
-class Scheduler:
-    """Enqueues each due slot of ``classes`` (job name -> class with a schedule) once."""
+Clock = Callable[[AsyncConnection], Awaitable[datetime]]
 
-    def __init__(self, engine: AsyncEngine, classes: dict[str, type[Job]], *, notify: bool):
+
+class Scheduler:
+    """Enqueues each due slot of ``classes`` (job name -> class with a schedule) once.
+
+    ``clock`` reads the time slots are due by: the database's (a fixed one in tests).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        classes: dict[str, type[Job]],
+        *,
+        notify: bool,
+        clock: Clock = sql.database_now,
+    ) -> None:
         self._engine = engine
         self._notify = notify
+        self._clock = clock
         self._entries = [
             _Entry(name, cls, cls.schedule)
             for name, cls in sorted(classes.items())
@@ -109,7 +124,7 @@ class Scheduler:
             # Reads on their own, without a transaction: a check that finds nothing due is
             # one short statement.
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            now = await sql.database_now(conn)
+            now = await self._clock(conn)
             checked = self._checked
             if checked is None or not checked <= now <= checked + _CONTINUITY:
                 due = await self._missed(conn, now)
