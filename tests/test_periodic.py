@@ -423,3 +423,51 @@ async def test_worker_processes_enqueue_each_second_once_through_kills_and_resta
         assert [slot for _, slot in await taken(engine)] == found
     finally:
         await engine.dispose()
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+async def test_cli_lists_schedules_and_runs_one_now_without_taking_a_slot(db_url: str) -> None:
+    from routemq_outbox.database import create_engine
+
+    from .conftest import run_cli
+    from .periodic_jobs import EverySecond
+
+    assert EverySecond.schedule is not None
+    engine = create_engine(db_url)
+    try:
+        last = (await db_time(engine)).replace(microsecond=0) - timedelta(minutes=5)
+        await take(engine, EverySecond.job_name, last, EverySecond.schedule.definition)
+        where = ("--import", "tests.periodic_jobs", "--database-url", db_url)
+
+        listed = await asyncio.to_thread(run_cli, "schedule", "list", "--json", *where)
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)["schedules"]
+        assert row["name"] == EverySecond.job_name
+        assert (row["schedule"], row["queue"], row["catch_up"]) == ("every 0:00:01", "periodic", 1)
+        assert datetime.fromisoformat(row["last_slot"]) == last
+        assert datetime.fromisoformat(row["next_slot"]) > last + timedelta(minutes=5)
+        table = await asyncio.to_thread(run_cli, "schedule", "list", *where)
+        assert table.stdout.splitlines()[1].split()[:4] == [
+            EverySecond.job_name,
+            "every",
+            "0:00:01",
+            "periodic",
+        ]
+
+        ran = await asyncio.to_thread(run_cli, "schedule", "run", EverySecond.job_name, *where)
+        assert ran.returncode == 0, ran.stderr
+        ((name, scheduled_at),) = await enqueued(engine)
+        assert name == EverySecond.job_name
+        assert ran.stdout == f"enqueued {name} (scheduled_at {scheduled_at.isoformat()})\n"
+        assert await taken(engine) == [(EverySecond.job_name, last)]
+
+        unknown = await asyncio.to_thread(run_cli, "schedule", "run", "reports.nightly", *where)
+        assert unknown.returncode == 1
+        assert "no periodic job is named 'reports.nightly'" in unknown.stderr
+        none = await asyncio.to_thread(run_cli, "schedule", "list", "--database-url", db_url)
+        assert none.returncode == 1
+        assert "no periodic job is imported" in none.stderr
+    finally:
+        await engine.dispose()
