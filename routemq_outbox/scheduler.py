@@ -109,7 +109,7 @@ class Scheduler:
                 pause = await self.check()
                 failures = 0
             except Exception as exc:
-                failures += 1
+                failures = min(failures + 1, 10)  # 0.5 s doubled up to the cap
                 pause = min(_BACKOFF_MAX, 0.5 * 2**failures)
                 log.warning(
                     "scheduling periodic jobs failed (%s); retrying in %.1f s", _brief(exc), pause

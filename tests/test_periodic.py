@@ -378,6 +378,40 @@ async def test_a_fixed_clock_across_dst_enqueues_each_daily_slot_once(
         await engine.dispose()
 
 
+async def test_a_failed_check_loses_no_slot_but_a_long_silence_is_an_outage(
+    sqlite_url: str,
+) -> None:
+    from routemq_outbox.database import create_engine
+
+    class Often(Job):
+        job_name = "tests.periodic.often"
+        queue = "periodic"
+        schedule = every(seconds=1)
+
+    t0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    second = timedelta(seconds=1)
+    times = iter([t0, None, t0 + 3.5 * second, t0 + 300.5 * second])
+
+    async def clock(conn: AsyncConnection) -> datetime:
+        moment = next(times)
+        if moment is None:
+            raise ConnectionError("the database went away")
+        return moment
+
+    engine = create_engine(sqlite_url)
+    try:
+        scheduler = Scheduler(engine, {Often.job_name: Often}, notify=False, clock=clock)
+        await scheduler.check()  # a new schedule: it starts with its next slot
+        with pytest.raises(ConnectionError):
+            await scheduler.check()
+        await scheduler.check()  # every slot since the last check that worked
+        assert [slot for _, slot in await enqueued(engine)] == [t0 + i * second for i in (1, 2, 3)]
+        await scheduler.check()  # nearly five minutes later: an outage, catch_up=1
+        assert [slot for _, slot in await enqueued(engine)][3:] == [t0 + 300 * second]
+    finally:
+        await engine.dispose()
+
+
 # ------------------------------------------------------------------- real worker processes
 
 
