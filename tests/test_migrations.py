@@ -405,3 +405,35 @@ def test_postgresql_jobs_table_gets_churn_autovacuum_settings(empty_pg_url: str)
     }
     downgrade(empty_pg_url, "routemq_outbox_0001")
     assert options() == set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_schedule_slots_revision_upgrades_a_populated_database(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    before = "routemq_outbox_0002"
+    upgrade(url, before)
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO jobs (queue, payload) VALUES ('q', '{\"job\": \"x\"}')")
+            )
+        assert "schedule_slots" not in tables(url)
+        upgrade(url)
+        assert "schedule_slots" in tables(url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+            conn.execute(
+                sa.text(
+                    "INSERT INTO schedule_slots (schedule, slot, definition) "
+                    "VALUES ('a', '2026-12-01 03:00:00', 'every 1:00:00')"
+                )
+            )
+        downgrade(url, before)
+        assert "schedule_slots" not in tables(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+    finally:
+        engine.dispose()
