@@ -752,12 +752,21 @@ def test_huge_numbers_on_every_database(db_url: str, sync_engine: sa.Engine) -> 
 def test_help_groups_the_commands() -> None:
     text = ok("--help").stdout
     panels = re.findall(r"╭─ (\w[\w ]*?) ─", text)
-    assert panels == ["Options", "Workers", "Monitoring", "Maintenance", "Failed jobs"]
+    assert panels == [
+        "Options",
+        "Workers",
+        "Monitoring",
+        "Maintenance",
+        "Failed jobs",
+        "Periodic jobs",
+    ]
     maintenance = text[text.index("Maintenance") : text.index("Failed jobs")]
     assert "clear" in maintenance
     assert "migrate" in maintenance
     for command in ("list", "show", "retry", "forget", "flush", "prune"):
         assert re.search(rf"│ {command}\s", ok("failed", "--help").stdout), command
+    for command in ("list", "run"):
+        assert re.search(rf"│ {command}\s", ok("schedule", "--help").stdout), command
 
 
 @pytest.fixture
