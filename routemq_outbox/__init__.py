@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .dispatch import Queue, dispatch, dispatch_sync, queue
 from .errors import FailJob, OutboxError, RetryJob
 from .job import Job
+from .schedules import cron, every
 from .worker import Worker, WorkerSettings
 
 try:
@@ -25,7 +26,9 @@ __all__ = [
     "Worker",
     "WorkerSettings",
     "__version__",
+    "cron",
     "dispatch",
     "dispatch_sync",
+    "every",
     "queue",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
@@ -19,13 +20,13 @@ import sqlalchemy.exc
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import admin
-from .config import DEFAULT_CONNECTION, database_url, imports_from_env, redact
+from . import admin, scheduler
+from .config import DEFAULT_CONNECTION, database_url, imports_from_env, notify_enabled, redact
 from .database import create_engine
 from .errors import DatabaseNotReady, NotFound, OutboxError, brief
 from .logs import configure_logging
 from .migrate import upgrade
-from .process import serve
+from .process import import_job_modules, serve
 from .worker import WorkerSettings
 
 T = TypeVar("T")
@@ -34,6 +35,7 @@ WORKER_PANEL = "Workers"
 MONITORING_PANEL = "Monitoring"
 FAILED_PANEL = "Failed jobs"
 MAINTENANCE_PANEL = "Maintenance"
+SCHEDULE_PANEL = "Periodic jobs"
 
 app = typer.Typer(
     name="routemq-outbox",
@@ -49,6 +51,13 @@ failed_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(failed_app, name="failed", rich_help_panel=FAILED_PANEL)
+schedule_app = typer.Typer(
+    help="List the periodic jobs, or enqueue one run of one now.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(schedule_app, name="schedule", rich_help_panel=SCHEDULE_PANEL)
 
 DatabaseUrl = Annotated[
     str | None,
@@ -63,6 +72,15 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 QueueFilter = Annotated[
     str | None,
     typer.Option("--queue", "-q", metavar="NAME", help="Only this queue.", show_default=False),
+]
+JobImports = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--import",
+        "-i",
+        metavar="MODULE",
+        help="Module defining Job classes; repeatable (also ROUTEMQ_OUTBOX_IMPORT).",
+    ),
 ]
 FailedRefs = Annotated[
     list[str],
@@ -184,15 +202,7 @@ def work(
             "--queue", "-q", metavar="NAME", help="Queue to work; repeat for more, earlier first."
         ),
     ] = None,
-    imports: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--import",
-            "-i",
-            metavar="MODULE",
-            help="Module defining Job classes; repeatable (also ROUTEMQ_OUTBOX_IMPORT).",
-        ),
-    ] = None,
+    imports: JobImports = None,
     database: DatabaseUrl = None,
     concurrency: Annotated[
         int,
@@ -281,6 +291,9 @@ def work(
     ] = LogFormat.text,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log warnings and errors only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug lines too.")] = False,
+    schedules: Annotated[
+        bool, typer.Option(help="Enqueue the due slots of the periodic jobs imported.")
+    ] = True,
 ) -> None:
     """Run a worker: claim due jobs, run them, retry them, fail them."""
     if quiet and verbose:
@@ -306,6 +319,7 @@ def work(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             metrics_interval=metrics_interval,
+            schedules=schedules,
         )
         code = serve(settings, [*(imports or []), *imports_from_env()])
     except DatabaseNotReady as exc:
@@ -376,6 +390,65 @@ def health(
     if not report.ok:
         raise _fail(report.message, 1)
     typer.echo(f"ok: {report.message} ({report.revision})")
+
+
+# ------------------------------------------------------------------------------- periodic jobs
+
+
+def _import_jobs(imports: list[str] | None) -> None:
+    try:
+        import_job_modules([*(imports or []), *imports_from_env()])
+    except OutboxError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _utc(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@schedule_app.command("list")
+def schedule_list(
+    imports: JobImports = None, as_json: AsJson = False, database: DatabaseUrl = None
+) -> None:
+    """Each periodic job imported: its schedule, queue, last slot enqueued and next slot."""
+    _import_jobs(imports)
+    found = _admin(database, scheduler.list_schedules)
+    if as_json:
+        _print_json(
+            {
+                "schedules": [
+                    {
+                        "name": row.name,
+                        "schedule": row.definition,
+                        "queue": row.queue,
+                        "catch_up": row.catch_up,
+                        "last_slot": None if row.last_slot is None else row.last_slot.isoformat(),
+                        "next_slot": row.next_slot.isoformat(),
+                    }
+                    for row in found
+                ]
+            }
+        )
+    elif not found:
+        raise _fail("no periodic job is imported (pass its module with --import)", 1)
+    else:
+        _print_table(
+            ("NAME", "SCHEDULE", "QUEUE", "LAST SLOT (UTC)", "NEXT SLOT (UTC)"),
+            [(r.name, r.definition, r.queue, _utc(r.last_slot), _utc(r.next_slot)) for r in found],
+            right=0,
+        )
+
+
+@schedule_app.command("run")
+def schedule_run(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The periodic job's name.")],
+    imports: JobImports = None,
+    database: DatabaseUrl = None,
+) -> None:
+    """Enqueue one run of the periodic job NAME now; its schedule goes on as before."""
+    _import_jobs(imports)
+    at = _admin(database, lambda engine: scheduler.run_now(engine, name, notify=notify_enabled()))
+    typer.echo(f"enqueued {name} (scheduled_at {at.isoformat()})")
 
 
 # ------------------------------------------------------------------------------- failed jobs

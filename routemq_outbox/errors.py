@@ -5,6 +5,7 @@ The tree::
     OutboxError
     ├── ConfigurationError          bad or missing configuration (URL, driver, connection name)
     ├── JobDefinitionError          a Job subclass is declared wrongly (name clash, bad attribute)
+    │   └── InvalidSchedule         (also a ValueError) its schedule cannot be run
     ├── DispatchError               the job was refused at dispatch; nothing was inserted
     │   ├── InvalidQueueName        (also a ValueError)
     │   ├── InvalidDelay            (also a ValueError)
@@ -24,7 +25,8 @@ The tree::
     ├── FailJob                     raised by handle() to fail the job now, without more attempts
     └── NotFound                    an operator command named something that is not there
         ├── UnknownQueue            (also a LookupError) no job or failed job is in that queue
-        └── UnknownFailedJob        (also a LookupError) ids or uuids failed_jobs does not hold
+        ├── UnknownFailedJob        (also a LookupError) ids or uuids failed_jobs does not hold
+        └── UnknownSchedule         (also a LookupError) no imported job has that schedule
 
 A class's docstring is its default message, so ``raise UnknownJob()`` still says something.
 :func:`brief` turns any exception into one line for logs and messages.
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidDelay",
     "InvalidJobSetting",
     "InvalidQueueName",
+    "InvalidSchedule",
     "JobConstructionError",
     "JobDefinitionError",
     "JobLoadError",
@@ -56,6 +59,7 @@ __all__ = [
     "UnknownFailedJob",
     "UnknownJob",
     "UnknownQueue",
+    "UnknownSchedule",
     "UnserializableJob",
     "brief",
 ]
@@ -79,6 +83,11 @@ class ConfigurationError(OutboxError):
 
 class JobDefinitionError(OutboxError):
     """A Job subclass is declared wrongly."""
+
+
+class InvalidSchedule(JobDefinitionError, ValueError):
+    """A job's schedule is invalid: a bad cron expression, an unknown time zone, an interval
+    under one second."""
 
 
 class DispatchError(OutboxError):
@@ -182,6 +191,10 @@ class UnknownQueue(NotFound, LookupError):
 
 class UnknownFailedJob(NotFound, LookupError):
     """failed_jobs holds no job with that id or uuid."""
+
+
+class UnknownSchedule(NotFound, LookupError):
+    """No imported job class has a schedule by that name."""
 
 
 _BRIEF_MAX = 500

@@ -64,7 +64,7 @@ def load(claimed: Claimed) -> Job:
     JobLoadError: the worker then fails the row once instead of leaving it held.
     """
     try:
-        name, data = decode_payload(claimed.payload)
+        name, data, scheduled_at = decode_payload(claimed.payload)
         job = instantiate(name, data, claimed.queue)
     except JobLoadError:
         raise
@@ -74,6 +74,7 @@ def load(claimed: Claimed) -> Job:
         ) from exc
     job.__dict__["_attempt"] = claimed.attempts
     job.__dict__["_job_id"] = claimed.id
+    job.__dict__["_scheduled_at"] = scheduled_at
     return job
 
 

@@ -17,8 +17,9 @@ import json
 import math
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from . import backoff
 from .errors import (
@@ -26,6 +27,7 @@ from .errors import (
     InvalidDelay,
     InvalidJobSetting,
     InvalidQueueName,
+    InvalidSchedule,
     JobConstructionError,
     JobDefinitionError,
     MalformedPayload,
@@ -34,31 +36,43 @@ from .errors import (
     UnknownJob,
     UnserializableJob,
 )
-from .schema import QUEUE_NAME_MAX
+from .schedules import Schedule
+from .schema import QUEUE_NAME_MAX, SCHEDULE_NAME_MAX
 
 __all__ = [
     "MAX_DELAY_SECONDS",
     "MAX_PAYLOAD_DEPTH",
     "SETTINGS",
+    "Decoded",
     "Job",
     "check_retry_delay",
     "decode_payload",
     "encode_payload",
     "instantiate",
     "registered_jobs",
+    "scheduled_jobs",
     "validate_queue_name",
 ]
 
 _registry: dict[str, type[Job]] = {}
 
 SETTINGS = frozenset(
-    {"queue", "max_tries", "timeout", "retry_after", "backoff", "backoff_max", "job_name"}
+    {
+        "queue",
+        "max_tries",
+        "timeout",
+        "retry_after",
+        "backoff",
+        "backoff_max",
+        "job_name",
+        "schedule",
+    }
 )
 """The attributes that configure a job. They are never stored as data: ``queue`` has its own
 column, and the worker takes the others from the class and ``__init__``."""
 
 # What the worker gives a running job and calls on it. Data by these names would hide it.
-_API = frozenset({"attempt", "job_id", "handle", "failed", "retry_delay"})
+_API = frozenset({"attempt", "job_id", "scheduled_at", "handle", "failed", "retry_delay"})
 # An instance carrying one of these is looked at closely (a queue set per dispatch is fine).
 _CHECKED = (SETTINGS - {"queue"}) | _API
 
@@ -144,14 +158,16 @@ class Job:
 
     ``backoff = "exponential"`` doubles the delay after each failed attempt (with jitter, up to
     ``backoff_max`` seconds); override :meth:`retry_delay` for anything else. ``job_name`` pins
-    the name the job is stored under (default ``module.QualName``).
+    the name the job is stored under (default ``module.QualName``). ``schedule = cron(...)`` or
+    ``every(...)`` makes it a periodic job, which every worker that imports the class enqueues
+    once per slot (see :mod:`routemq_outbox.scheduler`).
 
     Settings are never stored with a job: the worker rebuilds it by calling the class with no
     arguments, then sets the stored data. A setting may also be given in ``__init__``
     (``self.max_tries = 5``), which runs there too; one set on an instance after that is
     refused at dispatch (:class:`~routemq_outbox.errors.InvalidJobSetting`), since it would
-    not reach the worker. ``attempt``, ``job_id``, ``handle``, ``failed`` and ``retry_delay``
-    are not data names either.
+    not reach the worker. ``attempt``, ``job_id``, ``scheduled_at`` (the slot of a periodic
+    run), ``handle``, ``failed`` and ``retry_delay`` are not data names either.
 
     Jobs may run more than once (delivery is at-least-once): make ``handle()`` idempotent.
     """
@@ -163,6 +179,7 @@ class Job:
     retry_after: float = 10
     backoff: str = "fixed"
     backoff_max: float = 3600
+    schedule: ClassVar[Schedule | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -208,6 +225,13 @@ class Job:
         return int(self.__dict__.get("_attempt", 0))
 
     @property
+    def scheduled_at(self) -> datetime | None:
+        """The slot (aware UTC) a periodic run belongs to: the same for every run of one slot,
+        retries included, so that a job can be idempotent per slot. None for a dispatched job."""
+        value = self.__dict__.get("_scheduled_at")
+        return value if isinstance(value, datetime) else None
+
+    @property
     def job_id(self) -> int | None:
         """The ``jobs.id`` of the row being run, while the worker runs the job."""
         value = self.__dict__.get("_job_id")
@@ -227,6 +251,21 @@ def _check_class_attributes(cls: type[Job]) -> None:
         problem = _setting_problem(setting, getattr(cls, setting))
         if problem:
             raise JobDefinitionError(f"{cls.__qualname__}.{setting} {problem}")
+    schedule = cls.schedule
+    if schedule is None:
+        return
+    if not isinstance(schedule, Schedule):
+        raise InvalidSchedule(
+            f"{cls.__qualname__}.schedule must be cron(...) or every(...), got {schedule!r:.80}"
+        )
+    problem = schedule.problem()
+    if problem:
+        raise InvalidSchedule(f"{cls.__qualname__}.schedule: {problem}")
+    if len(name) > SCHEDULE_NAME_MAX:
+        raise InvalidSchedule(
+            f"{cls.__qualname__}: the job name of a periodic job may be {SCHEDULE_NAME_MAX} "
+            f"characters long, {name!r:.80} has {len(name)}"
+        )
 
 
 def _check_instance_settings(job: Job, attributes: dict[str, Any]) -> None:
@@ -267,6 +306,11 @@ def _check_instance_settings(job: Job, attributes: dict[str, Any]) -> None:
 def registered_jobs() -> dict[str, type[Job]]:
     """A copy of the name -> class registry."""
     return dict(_registry)
+
+
+def scheduled_jobs() -> dict[str, type[Job]]:
+    """The registered job classes that have a schedule, by name."""
+    return {name: cls for name, cls in _registry.items() if cls.schedule is not None}
 
 
 def _payload_encoder() -> Callable[[object], str]:
@@ -411,8 +455,12 @@ def _positional(match: re.Match[str]) -> str:
     return f"{Decimal(match.group(0)):f}.0"
 
 
-def encode_payload(job: object, *, max_bytes: int) -> str:
-    """The JSON text stored for ``job``; raises a DispatchError naming what is wrong."""
+def encode_payload(job: object, *, max_bytes: int, scheduled_at: datetime | None = None) -> str:
+    """The JSON text stored for ``job``; raises a DispatchError naming what is wrong.
+
+    ``scheduled_at`` (a periodic run's slot) goes beside the data, where no attribute can put
+    it: only the scheduler sets it.
+    """
     if not isinstance(job, Job):
         raise NotAJob(
             f"expected an instance of a routemq_outbox.Job subclass, got {type(job).__name__}"
@@ -422,8 +470,11 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
         _check_instance_settings(job, attributes)
     data = {k: v for k, v in attributes.items() if not k.startswith("_") and k not in SETTINGS}
     name = type(job).job_name
+    envelope: dict[str, Any] = {"job": name, "data": data}
+    if scheduled_at is not None:
+        envelope["scheduled_at"] = scheduled_at.astimezone(UTC).isoformat()
     try:
-        text = _encode({"job": name, "data": data})
+        text = _encode(envelope)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _refusal(job, data) or UnserializableJob(f"{type(job).__qualname__}: {exc}") from None
     # Each check below is a scan in C of the text the encoder just wrote; the walk that
@@ -463,8 +514,16 @@ def encode_payload(job: object, *, max_bytes: int) -> str:
     return text
 
 
-def decode_payload(text: str | bytes) -> tuple[str, dict[str, Any]]:
-    """Parse stored JSON text into (job name, data); raises MalformedPayload."""
+class Decoded(NamedTuple):
+    """A stored payload, parsed."""
+
+    name: str
+    data: dict[str, Any]
+    scheduled_at: datetime | None
+
+
+def decode_payload(text: str | bytes) -> Decoded:
+    """Parse stored JSON text; raises MalformedPayload."""
     try:
         document = json.loads(text)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -485,7 +544,22 @@ def decode_payload(text: str | bytes) -> tuple[str, dict[str, Any]]:
     if not _API.isdisjoint(data):
         reserved = sorted(_API.intersection(data))
         raise MalformedPayload(f"payload of job {name!r} sets reserved attributes {reserved}")
-    return name, data
+    return Decoded(name, data, _slot(name, document.get("scheduled_at")))
+
+
+def _slot(name: str, value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        slot = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        slot = None
+    if slot is None or slot.utcoffset() is None:
+        raise MalformedPayload(
+            f"payload of job {name!r} has a scheduled_at that is not an aware ISO time: "
+            f"{value!r:.80}"
+        )
+    return slot.astimezone(UTC)
 
 
 def instantiate(name: str, data: dict[str, Any], queue: str) -> Job:

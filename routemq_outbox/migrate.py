@@ -50,7 +50,7 @@ VERSION_TABLE = "routemq_outbox_alembic_version"
 APP_VERSION_TABLE = "alembic_version"
 """Where an application's own alembic records our revisions when it applies them itself."""
 BRANCH = "routemq_outbox"
-TABLES = frozenset({"jobs", "failed_jobs", VERSION_TABLE})
+TABLES = frozenset({"jobs", "failed_jobs", "schedule_slots", VERSION_TABLE})
 """The tables routemq-outbox creates: its migrations alone change them."""
 
 T = TypeVar("T")

@@ -25,6 +25,7 @@ from sqlalchemy.sql.functions import FunctionElement
 __all__ = [
     "MYSQL_DIALECTS",
     "QUEUE_NAME_MAX",
+    "SCHEDULE_NAME_MAX",
     "Payload",
     "UTCDateTime",
     "db_now",
@@ -33,12 +34,14 @@ __all__ = [
     "include_object",
     "jobs",
     "metadata",
+    "schedule_slots",
     "seconds_since",
     "statement_now",
     "statement_now_plus",
 ]
 
 QUEUE_NAME_MAX = 255
+SCHEDULE_NAME_MAX = 255
 
 # SQLAlchemy calls MySQL's dialect "mysql" and, for ``mariadb://`` URLs, "mariadb".
 MYSQL_DIALECTS = ("mysql", "mariadb")
@@ -342,6 +345,23 @@ failed_jobs = sa.Table(
 )
 sa.Index("ix_failed_jobs_queue_failed_at", failed_jobs.c.queue, failed_jobs.c.failed_at)
 sa.Index("ix_failed_jobs_failed_at", failed_jobs.c.failed_at)
+
+
+# One row per slot a periodic job was enqueued for, written in the transaction that inserts the
+# job: the primary key lets one worker of many take each slot. Rows are not tied to the job
+# (finishing or deleting it frees nothing), and they are pruned by age, each schedule's latest
+# kept, since it is where a worker that starts looks for what was missed.
+schedule_slots = sa.Table(
+    "schedule_slots",
+    metadata,
+    sa.Column("schedule", sa.String(SCHEDULE_NAME_MAX), nullable=False),
+    sa.Column("slot", UTCDateTime(), nullable=False),
+    sa.Column("definition", sa.String(255), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    sa.PrimaryKeyConstraint("schedule", "slot"),
+    **_MYSQL_TABLE,
+)
+sa.Index("ix_schedule_slots_created_at", schedule_slots.c.created_at)
 
 
 def include_object(dialect_name: str) -> Callable[..., bool]:

@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
@@ -42,6 +42,7 @@ from .schema import (
     db_now_plus,
     failed_jobs,
     jobs,
+    schedule_slots,
     seconds_since,
     statement_now,
     statement_now_plus,
@@ -52,13 +53,16 @@ __all__ = [
     "Claimed",
     "FailedRecord",
     "FailedRow",
+    "LatestSlot",
     "QueueCounts",
     "Taken",
     "claim",
     "claim_statement_text",
     "clear_queue",
     "count_attempts",
+    "database_now",
     "delete_failed",
+    "enqueue_slot",
     "explain_claim",
     "extend_leases",
     "failed_by_refs",
@@ -69,9 +73,11 @@ __all__ = [
     "insert_jobs",
     "jobs_statement",
     "known_queues",
+    "latest_slots",
     "move_to_failed",
     "newest_failed_id",
     "prune_failed",
+    "prune_slots",
     "queue_counts",
     "queue_counts_statement",
     "queue_exists",
@@ -982,6 +988,115 @@ async def prune_failed(engine: AsyncEngine, older_than: float, queue: str | None
     async with engine.begin() as conn:
         result = await conn.execute(sa.delete(failed_jobs).where(*where))
     return int(result.rowcount)
+
+
+# ------------------------------------------------------------------------------- schedules
+#
+# What the scheduler of periodic jobs runs (see :mod:`.scheduler`). A slot is taken by inserting
+# its row, which the primary key (schedule, slot) lets only one transaction do; the job is
+# inserted in the same transaction, through the statement ``dispatch`` uses, so that the slot
+# row exists exactly when its job was enqueued.
+
+
+async def database_now(conn: AsyncConnection) -> datetime:
+    """The database's current time (aware UTC): the clock that decides when a slot is due."""
+    now: datetime = (await conn.execute(sa.select(db_now()))).scalar_one()
+    return now
+
+
+_SLOT_VALUES = {
+    "schedule": sa.bindparam("schedule", type_=sa.String()),
+    "slot": sa.bindparam("slot", type_=UTCDateTime()),
+    "definition": sa.bindparam("definition", type_=sa.String()),
+}
+# Inserts the row unless the slot is taken; a transaction taking the same slot at the same
+# moment waits for the first, then inserts nothing (MySQL: IGNORE, as it has no ON CONFLICT;
+# the values are validated beforehand, so it ignores nothing but the duplicate).
+_TAKE_SLOT: dict[str, Any] = {
+    "postgresql": postgresql.insert(schedule_slots).values(_SLOT_VALUES).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(schedule_slots).values(_SLOT_VALUES).on_conflict_do_nothing(),
+    "mysql": sa.insert(schedule_slots).values(_SLOT_VALUES).prefix_with("IGNORE"),
+}
+
+
+async def enqueue_slot(
+    conn: AsyncConnection,
+    *,
+    schedule: str,
+    slot: datetime,
+    definition: str,
+    queue: str,
+    payload: str,
+    notify: bool,
+) -> bool:
+    """Take ``slot`` of ``schedule`` and insert its job, in one transaction; False (and
+    nothing inserted) when the slot was already taken."""
+    kind = family(conn.dialect.name)
+    async with conn.begin():
+        taken = await conn.execute(
+            _TAKE_SLOT[kind], {"schedule": schedule, "slot": slot, "definition": definition}
+        )
+        if taken.rowcount != 1:
+            return False
+        stmt, params = insert_jobs(
+            conn.dialect.name, [(queue, payload)], None, notify=notify and kind == "postgresql"
+        )
+        await conn.execute(stmt, params)
+    return True
+
+
+class LatestSlot(NamedTuple):
+    """The newest slot taken of a schedule, and the schedule's definition then."""
+
+    slot: datetime
+    definition: str
+
+
+async def latest_slots(conn: AsyncConnection, schedules: Sequence[str]) -> dict[str, LatestSlot]:
+    """The newest slot taken of each of ``schedules`` that has one."""
+    if not schedules:
+        return {}
+    newest = (
+        sa.select(schedule_slots.c.schedule, sa.func.max(schedule_slots.c.slot).label("slot"))
+        .where(schedule_slots.c.schedule.in_(list(schedules)))
+        .group_by(schedule_slots.c.schedule)
+        .subquery("newest")
+    )
+    rows = await conn.execute(
+        sa.select(
+            schedule_slots.c.schedule, schedule_slots.c.slot, schedule_slots.c.definition
+        ).join(
+            newest,
+            sa.and_(
+                schedule_slots.c.schedule == newest.c.schedule,
+                schedule_slots.c.slot == newest.c.slot,
+            ),
+        )
+    )
+    return {row.schedule: LatestSlot(row.slot, row.definition) for row in rows}
+
+
+_PRUNE_SLOTS = sa.delete(schedule_slots).where(
+    schedule_slots.c.schedule == sa.bindparam("name", type_=sa.String()),
+    schedule_slots.c.slot < sa.bindparam("newest", type_=UTCDateTime()),
+    schedule_slots.c.created_at < db_now_plus(sa.bindparam("age", type_=sa.Float())),
+)
+
+
+async def prune_slots(conn: AsyncConnection, older_than: float) -> None:
+    """Delete the slot rows written more than ``older_than`` seconds ago (database clock),
+    except each schedule's newest. Two steps rather than one statement with a subquery on the
+    same table, which MySQL refuses in a DELETE; a slot taken in between is newer still."""
+    newest = sa.select(schedule_slots.c.schedule, sa.func.max(schedule_slots.c.slot)).group_by(
+        schedule_slots.c.schedule
+    )
+    async with conn.begin():
+        found = (await conn.execute(newest)).all()
+        if found:
+            await conn.execute(
+                _PRUNE_SLOTS,
+                [{"name": name, "newest": slot, "age": -float(older_than)} for name, slot in found],
+            )
 
 
 # schema version

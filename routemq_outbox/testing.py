@@ -94,10 +94,11 @@ def _jobs(rows: Iterable[Any], job_class: type[J]) -> list[J]:
     known = registered_jobs()
     found: list[J] = []
     for queue, payload in rows:
-        name, data = decode_payload(payload)
+        name, data, scheduled_at = decode_payload(payload)
         cls = known.get(name)
         if job_class is not Job and (cls is None or not issubclass(cls, job_class)):
             continue  # other jobs' classes need not even be imported
         job = instantiate(name, data, queue)  # an unknown name raises UnknownJob
+        job.__dict__["_scheduled_at"] = scheduled_at
         found.append(job)  # type: ignore[arg-type]  # an instance of job_class, checked above
     return found

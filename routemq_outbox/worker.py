@@ -10,6 +10,8 @@ One :class:`Worker` runs a few cooperating loops on one event loop:
 - **maintenance** extends the leases of held jobs (heartbeats) and takes over jobs whose
   worker stopped heartbeating, returning them to pending or failing them;
 - the **listener** (PostgreSQL) holds a LISTEN connection and reconnects when it drops;
+- the **scheduler** (:mod:`.scheduler`) enqueues the due slots of the periodic jobs the
+  process imported, unless ``schedules`` is off;
 - an optional **observer** (:class:`WorkerObserver`, e.g. the Prometheus metrics) is told of
   every claim and every recorded outcome, and runs its own periodic task beside the worker.
 
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import faults, sql
-from .config import DEFAULT_CONNECTION, redact
+from .config import DEFAULT_CONNECTION, notify_enabled, redact
 from .database import create_engine
 from .errors import ConfigurationError, DatabaseNotReady, OutboxError, OutcomeNotRecorded
 from .errors import brief as _brief
@@ -50,7 +52,8 @@ from .execution import (
 )
 from .faults import TRANSIENT
 from .hooks import Hooks
-from .job import validate_queue_name
+from .job import scheduled_jobs, validate_queue_name
+from .scheduler import Scheduler
 from .threads import ThreadRunner
 
 __all__ = [
@@ -100,6 +103,7 @@ class WorkerSettings:
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics are for scrapers on other hosts
     metrics_interval: float = 15.0
+    schedules: bool = True  # take part in enqueuing the periodic jobs this process imported
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -328,6 +332,12 @@ class Worker:
         ]
         if listening:
             cancelled.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
+        periodic = scheduled_jobs() if settings.schedules else {}
+        if periodic:
+            scheduler = Scheduler(self.engine, periodic, notify=notify_enabled())
+            cancelled.append(
+                asyncio.create_task(scheduler.run(self._stopping), name="routemq-outbox scheduler")
+            )
         for helper in (*finishing, *cancelled):
             helper.add_done_callback(self._helper_ended)
         if self._observer is not None:

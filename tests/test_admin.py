@@ -636,7 +636,8 @@ def test_migrate_only_upgrades_and_says_what_the_database_is_at(
 ) -> None:
     url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
     first, head = revisions()[0], head_revision()
-    assert (first, head) == ("routemq_outbox_0001", "routemq_outbox_0002")
+    assert (first, head) == ("routemq_outbox_0001", "routemq_outbox_0004")
+    every_revision = ", ".join(revisions())
 
     def at() -> list[str]:
         engine = create_sync_engine(url)
@@ -652,9 +653,9 @@ def test_migrate_only_upgrades_and_says_what_the_database_is_at(
     assert at() == [first]
     assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
     assert ok("migrate", "--database-url", url).stderr == f"database schema is at {head} (head)\n"
-    choices = f"migrate goes to head or to one of {first}, {head}, and only upgrades; got"
+    choices = f"migrate goes to head or to one of {every_revision}, and only upgrades; got"
     for revision, message in [
-        ("nonexistent", f"unknown revision 'nonexistent': routemq-outbox has {first}, {head}"),
+        ("nonexistent", f"unknown revision 'nonexistent': routemq-outbox has {every_revision}"),
         ("-1", f"{choices} '-1'"),
         ("+1", f"{choices} '+1'"),
         ("base", f"{choices} 'base'"),
@@ -751,12 +752,21 @@ def test_huge_numbers_on_every_database(db_url: str, sync_engine: sa.Engine) -> 
 def test_help_groups_the_commands() -> None:
     text = ok("--help").stdout
     panels = re.findall(r"╭─ (\w[\w ]*?) ─", text)
-    assert panels == ["Options", "Workers", "Monitoring", "Maintenance", "Failed jobs"]
+    assert panels == [
+        "Options",
+        "Workers",
+        "Monitoring",
+        "Maintenance",
+        "Failed jobs",
+        "Periodic jobs",
+    ]
     maintenance = text[text.index("Maintenance") : text.index("Failed jobs")]
     assert "clear" in maintenance
     assert "migrate" in maintenance
     for command in ("list", "show", "retry", "forget", "flush", "prune"):
         assert re.search(rf"│ {command}\s", ok("failed", "--help").stdout), command
+    for command in ("list", "run"):
+        assert re.search(rf"│ {command}\s", ok("schedule", "--help").stdout), command
 
 
 @pytest.fixture

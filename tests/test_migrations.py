@@ -18,10 +18,12 @@ from alembic.migration import MigrationContext
 
 from routemq_outbox.config import sync_url
 from routemq_outbox.database import create_sync_engine
-from routemq_outbox.migrate import VERSION_TABLE, downgrade, head_revision, upgrade
+from routemq_outbox.migrate import VERSION_TABLE, downgrade, head_revision, revisions, upgrade
 from routemq_outbox.schema import include_object, metadata
 
 from .conftest import BACKENDS, DB_URL_FIXTURES, EMPTY_DB_URL_FIXTURES, ROOT
+
+TABLES = ("jobs", "failed_jobs", "schedule_slots")
 
 
 def dump_schema(url: str) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def dump_schema(url: str) -> dict[str, Any]:
         with engine.connect() as conn:
             inspector = sa.inspect(conn)
             schema: dict[str, Any] = {}
-            for table in ("jobs", "failed_jobs"):
+            for table in TABLES:
                 schema[table] = {
                     "columns": [
                         (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
@@ -51,7 +53,8 @@ def dump_schema(url: str) -> dict[str, Any]:
                 rows = conn.execute(
                     sa.text(
                         "SELECT indexname, indexdef FROM pg_indexes "
-                        "WHERE tablename IN ('jobs', 'failed_jobs') ORDER BY indexname"
+                        "WHERE tablename IN ('jobs', 'failed_jobs', 'schedule_slots') "
+                        "ORDER BY indexname"
                     )
                 )
             elif conn.dialect.name in ("mysql", "mariadb"):
@@ -60,11 +63,11 @@ def dump_schema(url: str) -> dict[str, Any]:
                         "SELECT CONCAT(table_name, '.', index_name), GROUP_CONCAT(CONCAT("
                         "column_name, ' ', non_unique, ' ', index_type) ORDER BY seq_in_index) "
                         "FROM information_schema.statistics WHERE table_schema = DATABASE() "
-                        "AND table_name IN ('jobs', 'failed_jobs') "
+                        "AND table_name IN ('jobs', 'failed_jobs', 'schedule_slots') "
                         "GROUP BY table_name, index_name ORDER BY 1"
                     )
                 )
-                for table in ("jobs", "failed_jobs"):
+                for table in TABLES:
                     # engine, charset, collations, defaults, CHECKs: the table as the server
                     # would recreate it, less its indexes (above; listed in creation order here)
                     ddl = conn.execute(sa.text(f"SHOW CREATE TABLE {table}")).one()[1]
@@ -74,7 +77,7 @@ def dump_schema(url: str) -> dict[str, Any]:
                 rows = conn.execute(
                     sa.text(
                         "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                        "AND tbl_name IN ('jobs', 'failed_jobs') ORDER BY name"
+                        "AND tbl_name IN ('jobs', 'failed_jobs', 'schedule_slots') ORDER BY name"
                     )
                 )
             schema["indexes"] = [(name, " ".join(str(sql).split())) for name, sql in rows]
@@ -266,10 +269,10 @@ def embed_in_an_application(
         "--version-path",
         versions,
     )
-    assert "routemq_outbox_0002 (routemq_outbox) (head)" in alembic_ok("heads")
+    assert f"{head_revision()} (routemq_outbox) (head)" in alembic_ok("heads")
     upgraded = alembic_ok("upgrade", "heads")
     assert "routemq_outbox_0001" in upgraded
-    assert "routemq_outbox_0002" in upgraded
+    assert head_revision() in upgraded
     assert {"jobs", "failed_jobs", "alembic_version"} <= tables(url)
     assert VERSION_TABLE not in tables(url)
 
@@ -278,7 +281,7 @@ def embed_in_an_application(
     )
     generated = next((app / "alembic" / "versions").glob("app_0002_*.py")).read_text()
     assert "op.create_table('orders'" in generated
-    for ours in ("jobs", "ix_", VERSION_TABLE):
+    for ours in ("jobs", "schedule_slots", "ix_", VERSION_TABLE):
         assert ours not in generated, generated
     alembic_ok("upgrade", "heads")
 
@@ -296,7 +299,7 @@ def embed_in_an_application(
     assert behind.returncode == 2
     assert behind.stderr == (
         "routemq-outbox: your application's alembic applies routemq-outbox's migrations "
-        f"(alembic_version is at routemq_outbox_0001): run `alembic upgrade heads` there to "
+        f"(alembic_version is at {revisions()[-2]}): run `alembic upgrade heads` there to "
         f"reach {head_revision()}\n"
     )
     health = run("routemq-outbox", "health", "--database-url", url, cwd=app)
@@ -402,3 +405,35 @@ def test_postgresql_jobs_table_gets_churn_autovacuum_settings(empty_pg_url: str)
     }
     downgrade(empty_pg_url, "routemq_outbox_0001")
     assert options() == set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_schedule_slots_revision_upgrades_a_populated_database(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    before = "routemq_outbox_0002"
+    upgrade(url, before)
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO jobs (queue, payload) VALUES ('q', '{\"job\": \"x\"}')")
+            )
+        assert "schedule_slots" not in tables(url)
+        upgrade(url)
+        assert "schedule_slots" in tables(url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+            conn.execute(
+                sa.text(
+                    "INSERT INTO schedule_slots (schedule, slot, definition) "
+                    "VALUES ('a', '2026-12-01 03:00:00', 'every 1:00:00')"
+                )
+            )
+        downgrade(url, before)
+        assert "schedule_slots" not in tables(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+    finally:
+        engine.dispose()

@@ -144,10 +144,12 @@ async def test_a_setting_set_on_an_instance_is_refused_at_dispatch(
     assert await jobs_rows(engine) == []
 
 
-@pytest.mark.parametrize("name", ["attempt", "job_id", "handle", "failed", "retry_delay"])
+@pytest.mark.parametrize(
+    "name", ["attempt", "job_id", "scheduled_at", "handle", "failed", "retry_delay"]
+)
 async def test_names_the_worker_uses_are_not_data(engine: AsyncEngine, name: str) -> None:
     job = echo()
-    job.__dict__[name] = 3  # attempt and job_id are read-only properties
+    job.__dict__[name] = 3  # attempt, job_id and scheduled_at are read-only properties
     with pytest.raises(InvalidJobSetting, match=f"attribute '{name}' is reserved"):
         await dispatch(job)
     assert await jobs_rows(engine) == []

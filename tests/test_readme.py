@@ -237,6 +237,8 @@ def test_python_samples_run_as_printed(index: int, tmp_path: Path, sqlite_url: s
         assert result.stdout.strip() == "waiting: 2"
     if "dispatch_sync(job, session=session)" in code:
         assert result.stdout.strip() == "waiting: 1"
+    if "class PollDevices(Job)" in code:
+        assert "run for 20" in result.stdout, result.stderr
     if "ChargeOrderJob" in code:
         assert result.stdout.strip() == "charges: 1"
     elif "Worker(WorkerSettings(" in code:
