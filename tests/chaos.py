@@ -5,7 +5,8 @@
   ``chaos_log`` side table, through a connection of its own, as a user's job would. A fifth
   of the jobs have a plain ``def handle`` (run in the worker's threads, writing through a
   sync driver); the jobs designed to fail have a ``failed()`` hook (async, or a plain ``def``
-  for the sync ones) that writes ``hook`` as it starts and ``hooked`` once done.
+  for the sync ones) that writes ``hook`` as it starts and ``hooked`` once done, each call
+  with a number of its own in place of the attempt.
 - The producer: ``python -m tests.chaos URL FIRST STEP TOTAL`` dispatches the jobs numbered
   FIRST, FIRST+STEP, ... below TOTAL, each in a business transaction that also inserts an
   order row; the transactions of a tenth of them (chosen by number) roll back.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import threading
 import time
@@ -180,9 +182,10 @@ class DoomedChaosJob(ChaosJob):
         raise RuntimeError(f"chaos job {self.key} is designed to fail")
 
     async def failed(self, exc: BaseException) -> None:
-        await log(self.key, "hook", self.attempt)
+        call = hook_call()
+        await log(self.key, "hook", call)
         await asyncio.sleep(self.work)
-        await log(self.key, "hooked", self.attempt)
+        await log(self.key, "hooked", call)
 
 
 class SyncChaosJob(ChaosJob):
@@ -208,9 +211,16 @@ class SyncDoomedChaosJob(SyncChaosJob):
         raise RuntimeError(f"chaos job {self.key} is designed to fail")
 
     def failed(self, exc: BaseException) -> None:  # type: ignore[override]
-        sync_log(self.key, "hook", self.attempt)
+        call = hook_call()
+        sync_log(self.key, "hook", call)
         time.sleep(self.work)
-        sync_log(self.key, "hooked", self.attempt)
+        sync_log(self.key, "hooked", call)
+
+
+def hook_call() -> int:
+    """A number for one call of a hook, logged in place of the attempt: a write retried
+    through a restart is counted once, a hook called twice (even by one worker) twice."""
+    return random.randrange(1 << 31)
 
 
 def job_for(key: int) -> ChaosJob:

@@ -176,7 +176,13 @@ class Driver:
         self.workers[index] = self.start()
 
     def stop_all(self) -> None:
+        """SIGTERM every worker, once it is up: one started by the last kill may still be
+        importing, and SIGTERM would then end it before its handler for it is in place."""
+        deadline = time.monotonic() + 120
         for worker in self.workers:
+            while self.working_since(worker) is None and worker.popen.poll() is None:
+                assert time.monotonic() < deadline, f"worker never started:\n{worker.log()}"
+                time.sleep(0.1)
             worker.signal(signal.SIGTERM)
         for worker in self.workers:
             assert worker.wait(120) == 0, worker.log()
@@ -365,15 +371,15 @@ def check_hooks(
 ) -> None:
     """The ``failed()`` hook of each failed job (``exceptions``: the failed jobs, with the
     text stored) ran at most once, and exactly once, to its end, unless a kill explains it."""
-    began: dict[int, set[int]] = defaultdict(set)  # job -> pids whose hook began
-    ended: dict[int, set[int]] = defaultdict(set)
-    for key, event, _, pid, _ in hooks:
-        (began if event == "hook" else ended)[key].add(pid)
+    began: dict[int, set[tuple[int, int]]] = defaultdict(set)  # job -> (pid, call) of hooks
+    ended: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for key, event, call, pid, _ in hooks:
+        (began if event == "hook" else ended)[key].add((pid, call))
     assert set(began) <= set(exceptions), "a hook ran for a job that did not fail"
     for key, exception in sorted(exceptions.items()):
-        assert len(began[key]) <= 1, f"job {key}: its hook ran in workers {began[key]}"
+        assert len(began[key]) <= 1, f"job {key}: its hook ran {len(began[key])} times"
         assert ended[key] <= began[key], f"job {key}: its hook ended without beginning"
-        for pid in began[key] - ended[key]:
+        for pid, _ in began[key] - ended[key]:
             assert pid in killed_at, f"job {key}: its hook never ended in live worker {pid}"
             report.hooks_cut += 1
         report.hooks_ran += len(ended[key])
