@@ -523,8 +523,9 @@ class JobStateMachine(RuleBasedStateMachine):
         machine, every hook that started hangs or is over, nothing is left to delete."""
 
         async def go() -> None:
-            await asyncio.wait_for(step, 10)  # a step that hangs (behind a hook, say) fails
-            deadline = time.monotonic() + 10
+            # A step that hangs (behind a hook, say) fails, however busy the machine.
+            await asyncio.wait_for(step, 60)
+            deadline = time.monotonic() + 60
             while not self.settled():
                 assert time.monotonic() < deadline, "the worker does not settle"
                 await asyncio.sleep(0.001)
@@ -770,8 +771,10 @@ class JobStateMachine(RuleBasedStateMachine):
         async def watch() -> None:
             hooks.watch(later, worker_module._CANCEL_WAIT)
 
+        timed_out = set(hanging)
         self.worker_step(watch())
-        assert not hanging, "a hook outlived its timeout"
+        # (A hook waiting for a slot may start meanwhile, and hang in its turn.)
+        assert not timed_out & hanging, "a hook outlived its timeout"
         seen["hooks timed out"] += 1
 
     # Only while it holds a claim whose attempt is not counted: the crash of interest (any
