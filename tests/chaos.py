@@ -2,7 +2,11 @@
 
 - The job classes its workers import (``--import tests.chaos``). A job writes ``start`` when
   an attempt begins and ``end`` (its effect) when it is done, with the worker's pid, to the
-  ``chaos_log`` side table, through a connection of its own, as a user's job would.
+  ``chaos_log`` side table, through a connection of its own, as a user's job would. A fifth
+  of the jobs have a plain ``def handle`` (run in the worker's threads, writing through a
+  sync driver); the jobs designed to fail have a ``failed()`` hook (async, or a plain ``def``
+  for the sync ones) that writes ``hook`` as it starts and ``hooked`` once done, each call
+  with a number of its own in place of the attempt.
 - The producer: ``python -m tests.chaos URL FIRST STEP TOTAL`` dispatches the jobs numbered
   FIRST, FIRST+STEP, ... below TOTAL, each in a business transaction that also inserts an
   order row; the transactions of a tenth of them (chosen by number) roll back.
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,8 +66,14 @@ def rolled_back(key: int) -> bool:
 
 
 def doomed(key: int) -> bool:
-    """One job in a hundred is designed to fail (always committed: 42 % 10 != 7)."""
-    return key % 100 == 42
+    """Two jobs in a hundred are designed to fail, one of them sync (always committed:
+    42 % 10 and 43 % 10 are not 7)."""
+    return key % 100 in (42, 43)
+
+
+def sync(key: int) -> bool:
+    """A fifth of the jobs have a plain ``def handle`` (and 43 is one of them)."""
+    return key % 5 == 3
 
 
 def work_seconds(key: int) -> float:
@@ -99,14 +111,44 @@ def log_engine() -> AsyncEngine:
     return _engine
 
 
-async def log(key: int, event: str, attempt: int) -> None:
+def _logged(key: int, event: str, attempt: int) -> sa.Insert:
     row = {"key": key, "event": event, "attempt": attempt, "pid": os.getpid(), "at": time.time()}
+    return postgresql.insert(chaos_log).values(row).on_conflict_do_nothing()
+
+
+async def log(key: int, event: str, attempt: int) -> None:
+    statement = _logged(key, event, attempt)
 
     async def write() -> None:
         async with log_engine().begin() as conn:
-            await conn.execute(postgresql.insert(chaos_log).values(row).on_conflict_do_nothing())
+            await conn.execute(statement)
 
     await persist(write)
+
+
+_sync_engine: sa.Engine | None = None
+_sync_engine_lock = threading.Lock()
+
+
+def sync_log(key: int, event: str, attempt: int, *, limit: float = 300) -> None:
+    """:func:`log` for sync job code (in a worker thread), through psycopg, as a sync job's
+    own database writes would go."""
+    global _sync_engine
+    with _sync_engine_lock:
+        if _sync_engine is None:
+            url = os.environ["ROUTEMQ_OUTBOX_DATABASE_URL"].replace("+asyncpg", "+psycopg")
+            _sync_engine = sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    statement = _logged(key, event, attempt)
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with _sync_engine.begin() as conn:
+                conn.execute(statement)
+            return
+        except AWAY:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 class ChaosJob(Job):
@@ -128,7 +170,8 @@ class ChaosJob(Job):
 
 
 class DoomedChaosJob(ChaosJob):
-    """Designed to fail: raises after its effect on each of its attempts."""
+    """Designed to fail: raises after its effect on each of its attempts. Its hook works as
+    long as an attempt, so that kills find hooks in the middle of running too."""
 
     job_name = "tests.chaos_doomed"
     max_tries = DOOMED_TRIES
@@ -138,9 +181,56 @@ class DoomedChaosJob(ChaosJob):
         await super().handle()
         raise RuntimeError(f"chaos job {self.key} is designed to fail")
 
+    async def failed(self, exc: BaseException) -> None:
+        call = hook_call()
+        await log(self.key, "hook", call)
+        await asyncio.sleep(self.work)
+        await log(self.key, "hooked", call)
+
+
+class SyncChaosJob(ChaosJob):
+    """A plain ``def handle``: blocks its worker thread, never the event loop."""
+
+    job_name = "tests.chaos_sync"
+
+    def handle(self) -> None:  # type: ignore[override]
+        sync_log(self.key, "start", self.attempt)
+        time.sleep(self.work)
+        sync_log(self.key, "end", self.attempt)
+
+
+class SyncDoomedChaosJob(SyncChaosJob):
+    """Designed to fail, in sync code, with a plain ``def failed`` hook."""
+
+    job_name = "tests.chaos_sync_doomed"
+    max_tries = DOOMED_TRIES
+    retry_after = 0
+
+    def handle(self) -> None:  # type: ignore[override]
+        super().handle()
+        raise RuntimeError(f"chaos job {self.key} is designed to fail")
+
+    def failed(self, exc: BaseException) -> None:  # type: ignore[override]
+        call = hook_call()
+        sync_log(self.key, "hook", call)
+        time.sleep(self.work)
+        sync_log(self.key, "hooked", call)
+
+
+def hook_call() -> int:
+    """A number for one call of a hook, logged in place of the attempt: a write retried
+    through a restart is counted once, a hook called twice (even by one worker) twice."""
+    return random.randrange(1 << 31)
+
 
 def job_for(key: int) -> ChaosJob:
-    job = DoomedChaosJob() if doomed(key) else ChaosJob()
+    kinds = {
+        (False, False): ChaosJob,
+        (True, False): DoomedChaosJob,
+        (False, True): SyncChaosJob,
+        (True, True): SyncDoomedChaosJob,
+    }
+    job = kinds[doomed(key), sync(key)]()
     job.key, job.work = key, work_seconds(key)
     return job
 

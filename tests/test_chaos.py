@@ -11,7 +11,10 @@ worker's pid; the driver logs every kill. At the end:
 - a job ran more than once only when the worker running it was killed during that run
   (every run but a job's last was cut short by a kill of its worker, after the run started
   and before the next one did);
-- ``jobs`` is empty, and ``failed_jobs`` holds exactly the jobs designed to fail.
+- ``jobs`` is empty, and ``failed_jobs`` holds exactly the jobs designed to fail;
+- the ``failed()`` hook of a failed job ran at most once; exactly once, to its end, unless
+  the worker that failed the job was killed (before the hook began, or during it);
+- sync jobs (a plain ``def handle``, run in worker threads) are held to all of the above.
 
 CI runs 3,000 jobs. The full size (20,000 jobs) is one command::
 
@@ -35,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -94,6 +98,10 @@ class Report:
     kills: int = 0
     kills_mid_job: int = 0
     failed_by_design: int = 0
+    sync_jobs: int = 0
+    hooks_ran: int = 0
+    hooks_cut: int = 0  # began, and their worker was killed before they ended
+    hooks_lost: int = 0  # never began: the worker that failed the job was killed first
     restarts: int = 0
     leases_lost: int = 0  # log lines of live workers finding a job taken over
     seconds: float = 0.0
@@ -107,7 +115,9 @@ class Report:
             f"(effect twice or more {self.effect_more}; jobs designed to fail not counted)\n"
             f"  workers killed {self.kills} ({self.kills_mid_job} with jobs running), "
             f"PostgreSQL restarts {self.restarts}\n"
-            f"  failed by design {self.failed_by_design}; "
+            f"  failed by design {self.failed_by_design}; failed() hooks ran {self.hooks_ran}, "
+            f"cut short by a kill {self.hooks_cut}, lost with their worker {self.hooks_lost}\n"
+            f"  sync jobs {self.sync_jobs}; "
             f"live workers that found a lease taken over: {self.leases_lost}"
         )
 
@@ -166,7 +176,13 @@ class Driver:
         self.workers[index] = self.start()
 
     def stop_all(self) -> None:
+        """SIGTERM every worker, once it is up: one started by the last kill may still be
+        importing, and SIGTERM would then end it before its handler for it is in place."""
+        deadline = time.monotonic() + 120
         for worker in self.workers:
+            while self.working_since(worker) is None and worker.popen.poll() is None:
+                assert time.monotonic() < deadline, f"worker never started:\n{worker.log()}"
+                time.sleep(0.1)
             worker.signal(signal.SIGTERM)
         for worker in self.workers:
             assert worker.wait(120) == 0, worker.log()
@@ -261,6 +277,8 @@ async def test_chaos(
         # The faults really happened: workers died with jobs in hand, and the server restarted.
         assert report.kills_mid_job > 0, "no worker was killed while running a job"
         assert report.restarts == 1, "PostgreSQL was not restarted"
+        assert report.sync_jobs > 0, "no sync job ran"
+        assert report.hooks_ran > 0, "no failed() hook ran"
     finally:
         await engine.dispose()
         with capsys.disabled():
@@ -288,6 +306,8 @@ async def check(engine: AsyncEngine, kills: list[tuple[int, float]], report: Rep
     assert orders == should_commit, "the business transactions did not commit as designed"
     assert left == 0, f"{left} jobs left in the jobs table"
 
+    hooks = [tuple(row) for row in log if row.event in ("hook", "hooked")]
+    log = [row for row in log if row.event in ("start", "end")]
     runs: dict[int, dict[tuple[int, int], Run]] = defaultdict(dict)
     for key, event, attempt, pid, at in sorted(log, key=lambda row: row.event != "start"):
         if event == "start":
@@ -318,6 +338,7 @@ async def check(engine: AsyncEngine, kills: list[tuple[int, float]], report: Rep
         if chaos.doomed(key):
             continue
         assert ordered[-1].ended, f"job {key}: its last run did not finish: {ordered}"
+        report.sync_jobs += chaos.sync(key)
         if len(ordered) > 1:
             report.ran_more += 1
         else:
@@ -337,3 +358,39 @@ async def check(engine: AsyncEngine, kills: list[tuple[int, float]], report: Rep
         assert "is designed to fail" in exception or exception.startswith(
             "routemq_outbox.errors.LeaseExpired"  # killed during its last attempt
         ), exception
+    exceptions = {json.loads(payload)["data"]["key"]: exception for payload, exception, _ in failed}
+    check_hooks(exceptions, runs, hooks, killed_at, report)
+
+
+def check_hooks(
+    exceptions: dict[int, str],
+    runs: dict[int, dict[tuple[int, int], Run]],
+    hooks: list[tuple[Any, ...]],
+    killed_at: dict[int, float],
+    report: Report,
+) -> None:
+    """The ``failed()`` hook of each failed job (``exceptions``: the failed jobs, with the
+    text stored) ran at most once, and exactly once, to its end, unless a kill explains it."""
+    began: dict[int, set[tuple[int, int]]] = defaultdict(set)  # job -> (pid, call) of hooks
+    ended: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for key, event, call, pid, _ in hooks:
+        (began if event == "hook" else ended)[key].add((pid, call))
+    assert set(began) <= set(exceptions), "a hook ran for a job that did not fail"
+    for key, exception in sorted(exceptions.items()):
+        assert len(began[key]) <= 1, f"job {key}: its hook ran {len(began[key])} times"
+        assert ended[key] <= began[key], f"job {key}: its hook ended without beginning"
+        for pid, _ in began[key] - ended[key]:
+            assert pid in killed_at, f"job {key}: its hook never ended in live worker {pid}"
+            report.hooks_cut += 1
+        report.hooks_ran += len(ended[key])
+        if began[key]:
+            continue
+        # Never began: the worker that moved the job to failed_jobs died first. That is the
+        # worker of its last run when that run failed as designed; else (LeaseExpired) one
+        # that took the job over later.
+        last = max(runs[key].values(), key=lambda run: run.started)
+        if "is designed to fail" in exception:
+            assert last.pid in killed_at, f"job {key}: worker {last.pid} ran no hook"
+        else:
+            assert any(at >= last.started for at in killed_at.values()), f"job {key}: no hook"
+        report.hooks_lost += 1

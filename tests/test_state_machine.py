@@ -8,7 +8,25 @@ a model of where every job should be. After every step the database must agree w
 - every dispatched job is in exactly one place: pending, reserved, failed (``failed_jobs``) or
   done (gone); a rolled-back job is nowhere;
 - attempts never exceed ``max_tries``;
-- a fenced-out worker (one whose job was taken over, or is long gone) changes nothing.
+- a fenced-out worker (one whose job was taken over, or is long gone) changes nothing;
+- ``failed_jobs`` holds a job only once its attempts are used up, or for an error that no
+  retry can mend (``FailJob``, an outcome the database refuses to record).
+
+Beside these anonymous workers, one real :class:`~routemq_outbox.Worker` ("the worker") claims,
+runs and records jobs with its own bookkeeping, stepped by the machine: its attempts end when
+the machine says, its leases may run out under a running attempt (as in an event-loop stall)
+and be taken over, by another worker or by itself, and it may claim the same job again
+meanwhile; its ``failed()`` hooks may hang; it may crash holding jobs claimed ahead, started or
+not, counted or not (attempts of jobs claimed ahead are counted lazily); and its writes may
+fail for a moment or be refused for good. Further invariants hold for it:
+
+- what it holds is exactly its live claims, plus the claims it lost whose attempts still run
+  (those change nothing when they end); a job it runs under a live claim is reserved to that
+  claim;
+- each job it moved to ``failed_jobs`` has had its ``failed()`` hook called once (or waiting
+  for a free hook slot); a hook that hangs holds back neither heartbeats nor rescues;
+- a crash spends only the attempts the database counted: a job claimed ahead and not yet run
+  (or run for less than the counting delay) has spent none.
 
 "Failed-job retry" moves a row from ``failed_jobs`` back to ``jobs`` with direct SQL here,
 as an operator would; the CLI for it is another issue's.
@@ -17,11 +35,15 @@ as an operator would; the CLI for it is another issue's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import math
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,8 +61,9 @@ from hypothesis.stateful import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routemq_outbox import FailJob, Job, RetryJob, dispatch
+from routemq_outbox import FailJob, Job, RetryJob, Worker, WorkerSettings, dispatch
 from routemq_outbox import sql as ops
+from routemq_outbox import worker as worker_module
 from routemq_outbox.admin import retry_failed
 from routemq_outbox.database import create_engine
 from routemq_outbox.execution import Attempt, Verdict, judge_expired, run
@@ -55,15 +78,26 @@ LIVE_JOBS = 4
 T = TypeVar("T")
 
 BEHAVIOURS = ["succeed", "raise", "retry_later", "fail_now"]
-_behaviour = ["succeed"]  # what the next attempt of StateJob does; set by the machine
+WRITES = ["ok", "transient", "refused"]  # how the worker's write of an outcome goes
+# What an attempt run by the machine itself does; unset in the worker's tasks, whose attempts
+# wait for the machine to say (through the job's ``gate``).
+_behaviour: ContextVar[str | None] = ContextVar("_behaviour", default=None)
+_hooks_hang = [False]  # whether a failed() hook that starts now never returns
+hook_calls: Counter[str] = Counter()  # failed() hooks called, by job key
+hanging: set[asyncio.Task[Any]] = set()  # hooks that will never return by themselves
 seen: Counter[str] = Counter()  # transitions taken, over all examples
 
 
-async def _run(claimed: ops.Claimed) -> Any:
+async def _run(claimed: ops.Claimed, behaviour: str) -> Any:
     """One attempt through the worker's own code (execution.run), in the current task."""
     attempt = Attempt(claimed)
     attempt.task = asyncio.current_task()
-    return await run(attempt, threads=ThreadRunner())
+    # (Reset after: the machine's steps share one context, the worker's tasks inherit it.)
+    token = _behaviour.set(behaviour)
+    try:
+        return await run(attempt, threads=ThreadRunner())
+    finally:
+        _behaviour.reset(token)
 
 
 class StateJob(Job):
@@ -71,18 +105,34 @@ class StateJob(Job):
     max_tries = 3
     retry_after = 0  # a failed attempt is due again at once
 
+    gate: asyncio.Future[str]  # set when run by the worker: the machine decides its end
+
     def __init__(self) -> None:
         super().__init__()
         self.key = ""
 
     async def handle(self) -> None:
-        kind = _behaviour[0]
+        kind = _behaviour.get()
+        if kind is None:
+            self.gate = asyncio.get_running_loop().create_future()
+            kind = await self.gate
         if kind == "raise":
             raise ValueError(f"attempt {self.attempt} of {self.key} failed")
         if kind == "retry_later":
             raise RetryJob("not yet", delay=3600)
         if kind == "fail_now":
             raise FailJob("no point trying again")
+
+    async def failed(self, exc: BaseException) -> None:
+        hook_calls[self.key] += 1
+        if _hooks_hang[0]:
+            task = asyncio.current_task()
+            assert task is not None
+            hanging.add(task)
+            try:
+                await asyncio.get_running_loop().create_future()  # only its timeout ends it
+            finally:
+                hanging.discard(task)
 
 
 class OneTryJob(StateJob):
@@ -102,6 +152,13 @@ class Model:
     due: bool = True  # pending: due now (else delayed)
     claimed: ops.Claimed | None = None  # reserved: what its worker holds
     expired: bool = False  # reserved: its lease ran out (not yet taken over)
+    # reserved: by "another" (anonymous) worker, by "the worker" (the machine's real one), or
+    # by a "dead" one (the real worker, crashed). For the real worker: whether the attempt is
+    # counted in the database, and whether it runs (then as attempt number ``run_attempt``).
+    holder: str = "another"
+    counted: bool = True
+    started: bool = False
+    run_attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,19 +208,32 @@ def key_of(payload: str) -> str:
     return str(json.loads(payload)["data"]["key"])
 
 
+_Key = tuple[int, int]  # (job id, token): one claim
+
+
 class JobStateMachine(RuleBasedStateMachine):
     runner: asyncio.Runner
     engine: AsyncEngine
+    url: str
 
     def __init__(self) -> None:
         super().__init__()
         self.models: dict[str, Model] = {}
         self.rolled_back: set[str] = set()
-        self.stale: list[tuple[int, int]] = []  # (id, token) pairs whose holder was fenced out
+        self.stale: list[_Key] = []  # (id, token) pairs whose holder was fenced out
         self.serial = itertools.count(1)
         self.tokens = itertools.count(1)
         self.wait(self._clean())
         self.tables: Tables = ([], [])
+        self.lost: set[_Key] = set()  # claims of the machine's worker that were taken over
+        self.failures: Counter[str] = Counter()  # jobs its worker moved to failed_jobs
+        hook_calls.clear()
+        _hooks_hang[0] = False
+        self.worker, self.completer = self.wait(self._new_worker())
+
+    def teardown(self) -> None:
+        self.wait(self._kill_worker())
+        _hooks_hang[0] = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -197,11 +267,13 @@ class JobStateMachine(RuleBasedStateMachine):
             found[key] = Row("failed", attempts)
         return found
 
-    def held(self, *, expired: bool | None = None) -> list[str]:
+    def held(self, *, expired: bool | None = None, holder: str | None = None) -> list[str]:
         return sorted(
             k
             for k, m in self.models.items()
-            if m.place == "reserved" and (expired is None or m.expired == expired)
+            if m.place == "reserved"
+            and (expired is None or m.expired == expired)
+            and (holder is None or m.holder == holder)
         )
 
     def due(self) -> list[str]:
@@ -217,6 +289,16 @@ class JobStateMachine(RuleBasedStateMachine):
 
     def fence_out(self, claimed: ops.Claimed) -> None:
         self.stale.append((claimed.id, claimed.token))
+
+    def taken_over(self, model: Model) -> None:
+        """Its holder's claim is void; the machine's worker may still run its attempt (or
+        have it claimed ahead), which must then change nothing."""
+        assert model.claimed is not None
+        self.fence_out(model.claimed)
+        if model.holder == "the worker":
+            self.lost.add((model.claimed.id, model.claimed.token))
+            seen["worker's claim taken over"] += 1
+        model.holder = "another"
 
     # ------------------------------------------------------------------ dispatch
 
@@ -279,18 +361,17 @@ class JobStateMachine(RuleBasedStateMachine):
             )
             assert model.attempts <= model.max_tries
 
-    @precondition(lambda self: self.held())
+    @precondition(lambda self: self.held(holder="another"))
     @rule(data=st.data(), behaviour=st.sampled_from(BEHAVIOURS))
     def run_an_attempt(self, data: st.DataObject, behaviour: str) -> None:
         """The holder runs the job (its lease may have run out, as long as nobody took it over)
         and writes the outcome down, as the worker does."""
-        self.attempt(data.draw(st.sampled_from(self.held())), behaviour)
+        self.attempt(data.draw(st.sampled_from(self.held(holder="another"))), behaviour)
 
     def attempt(self, key: str, behaviour: str) -> None:
         model = self.models[key]
         claimed = self.holding(key)
-        _behaviour[0] = behaviour
-        outcome = self.wait(_run(claimed))
+        outcome = self.wait(_run(claimed, behaviour))
         last = claimed.attempts >= model.max_tries
         seen[f"attempt {behaviour}" + (" (last)" if last else "")] += 1
         if behaviour == "succeed":
@@ -314,9 +395,9 @@ class JobStateMachine(RuleBasedStateMachine):
     def work_one(self, behaviour: str) -> None:
         """What a worker does most: claim a job and run an attempt of it, or die meanwhile
         (its lease then runs out, and maybe another worker takes the job over at once)."""
-        before = set(self.held())
+        before = set(self.held(holder="another"))
         self.claim(1)
-        new = sorted(set(self.held()) - before)
+        new = sorted(set(self.held(holder="another")) - before)
         if new and behaviour.startswith("crash"):
             self.expire(new[0])
             if behaviour == "crash, taken over":
@@ -336,12 +417,13 @@ class JobStateMachine(RuleBasedStateMachine):
         )
         return await self.on(ops.move_to_failed, claimed.token, record)
 
-    @precondition(lambda self: self.held())
+    @precondition(lambda self: self.held(holder="another"))
     @rule(data=st.data())
     def holder_shuts_down(self, data: st.DataObject) -> None:
         """A worker stopping hands its unfinished jobs back without spending their attempt."""
-        token = data.draw(st.sampled_from(sorted({self.holding(k).token for k in self.held()})))
-        keys = [k for k in self.held() if self.holding(k).token == token]
+        mine = self.held(holder="another")
+        token = data.draw(st.sampled_from(sorted({self.holding(k).token for k in mine})))
+        keys = [k for k in mine if self.holding(k).token == token]
         pairs = [(self.holding(k).id, token) for k in keys]
         released = self.wait(self.on(ops.release, pairs, delay=None, refund_attempt=True))
         assert released == len(keys)
@@ -354,18 +436,20 @@ class JobStateMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ leases
 
-    @precondition(lambda self: self.held())
+    @precondition(lambda self: self.held(holder="another"))
     @rule()
     def heartbeat(self) -> None:
-        pairs = [(self.holding(k).id, self.holding(k).token) for k in self.held()]
+        mine = self.held(holder="another")
+        pairs = [(self.holding(k).id, self.holding(k).token) for k in mine]
         assert self.wait(self.on(ops.extend_leases, pairs, LEASE)) == len(pairs)
-        for key in self.held():
+        for key in mine:
             self.models[key].expired = False
 
     @precondition(lambda self: self.held(expired=False))
     @rule(data=st.data())
     def lease_runs_out(self, data: st.DataObject) -> None:
-        """Its worker stopped heartbeating (crashed, killed, blocked) and the lease ran out."""
+        """Its worker stopped heartbeating (crashed, killed, or, for the machine's worker, an
+        event loop that stalled) and the lease ran out."""
         self.expire(data.draw(st.sampled_from(self.held(expired=False))))
 
     def expire(self, key: str) -> None:
@@ -396,7 +480,7 @@ class JobStateMachine(RuleBasedStateMachine):
             model = self.models[key]
             assert model.claimed is not None
             assert rescued.attempts == model.attempts  # a rescue is not an attempt
-            self.fence_out(model.claimed)
+            self.taken_over(model)
             outcome = judge_expired(rescued)
             if model.attempts < model.max_tries:
                 seen["rescued, back to pending"] += 1
@@ -410,6 +494,314 @@ class JobStateMachine(RuleBasedStateMachine):
                 assert self.wait(self.move_to_failed(rescued, outcome.error))
                 model.place = "failed"
             model.claimed, model.expired = None, False
+
+    # ------------------------------------------------------------------ the machine's worker
+
+    async def _new_worker(self) -> tuple[Worker, asyncio.Task[None]]:
+        """A worker with its bookkeeping and its completer, but no loops of its own: the
+        machine claims, counts, heartbeats and rescues through its methods, step by step."""
+        settings = WorkerSettings(
+            self.url, queues=(StateJob.queue,), concurrency=2, prefetch=2, lease=LEASE
+        )
+        worker = Worker(settings, engine=self.engine)
+        worker._loop = asyncio.get_running_loop()
+        worker._claim_lane = worker_module._Lane(self.engine)
+        return worker, asyncio.create_task(worker._completer())
+
+    async def _kill_worker(self) -> None:
+        """Kill -9: the worker's tasks end where they are, with no write of any kind."""
+        worker = self.worker
+        worker._starting = False
+        tasks = [*worker._running, *worker._hooks.running, self.completer]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await worker._claim_lane.reset()
+
+    def worker_step(self, step: Awaitable[Any]) -> None:
+        """One step of the worker, then let it settle: every attempt it runs waits for the
+        machine, every hook that started hangs or is over, nothing is left to delete."""
+
+        async def go() -> None:
+            # A step that hangs (behind a hook, say) fails, however busy the machine.
+            await asyncio.wait_for(step, 60)
+            deadline = time.monotonic() + 60
+            while not self.settled():
+                assert time.monotonic() < deadline, "the worker does not settle"
+                await asyncio.sleep(0.001)
+
+        self.wait(go())
+        self.follow_starts()
+
+    def settled(self) -> bool:
+        worker = self.worker
+        for attempt in worker._running.values():
+            job = attempt.job
+            if not isinstance(job, StateJob) or "gate" not in vars(job) or job.gate.done():
+                return False
+        if worker._done or worker_module._DONE in worker._held.values():
+            return False
+        for task, hook in worker._hooks.running.items():
+            waits_for_a_slot = hook.deadline == math.inf and worker._hooks._slots.locked()
+            if task not in hanging and not waits_for_a_slot:
+                return False
+        return True
+
+    def pair(self, key: str) -> _Key:
+        claimed = self.holding(key)
+        return claimed.id, claimed.token
+
+    def running(self) -> dict[_Key, Attempt]:
+        return {(a.claimed.id, a.claimed.token): a for a in self.worker._running.values()}
+
+    def follow_starts(self) -> None:
+        """Jobs claimed ahead start whenever a slot frees: as attempt number attempts + 1,
+        not counted in the database yet."""
+        running = self.running()
+        for key in self.held(holder="the worker"):
+            model = self.models[key]
+            claimed = self.holding(key)
+            if not model.started and (claimed.id, claimed.token) in running:
+                model.started = True
+                model.run_attempt = model.attempts + (0 if model.counted else 1)
+                assert running[(claimed.id, claimed.token)].claimed.attempts == model.run_attempt
+
+    def worker_runs(self, *, lost: bool) -> list[_Key]:
+        """The worker's attempts waiting for the machine: of live claims, or of lost ones."""
+        return sorted(k for k in self.running() if (k in self.lost) == lost)
+
+    @precondition(lambda self: self.due())
+    @rule(limit=st.integers(1, 4))
+    def worker_claims(self, limit: int) -> None:
+        """The worker claims as its slots and prefetch buffer allow: jobs for free slots start
+        at once, their attempt counted; the others wait, their attempt not counted."""
+        worker = self.worker
+        wanted = min(limit, worker._budget())
+        if wanted <= 0:
+            return
+        before = set(worker._held)
+        self.worker_step(worker._claim(wanted))
+        ahead = {(c.id, c.token): c for c in worker._waiting}
+        running = self.running()
+        for pair in set(worker._held) - before:
+            counted = pair in running and pair not in worker._uncounted
+            claimed = running[pair].claimed if pair in running else ahead[pair]
+            model = self.models[key_of(claimed.payload)]
+            assert model.place == "pending"
+            model.place, model.claimed, model.expired = "reserved", claimed, False
+            model.holder, model.counted, model.started = "the worker", counted, False
+            model.attempts += counted
+            seen["worker claimed" + ("" if counted else " ahead")] += 1
+        self.follow_starts()
+
+    @precondition(lambda self: self.worker_runs(lost=False))
+    @rule(
+        data=st.data(),
+        behaviour=st.sampled_from(BEHAVIOURS),
+        write=st.sampled_from(WRITES),
+        hang=st.booleans(),
+    )
+    def worker_attempt_ends(
+        self, data: st.DataObject, behaviour: str, write: str, hang: bool
+    ) -> None:
+        """An attempt of the worker ends and it records the outcome; the write may fail once
+        for a moment, or be refused for good (then a retry fails the job, a failure is
+        stored with its text escaped). A failure starts the job's failed() hook."""
+        pair = data.draw(st.sampled_from(self.worker_runs(lost=False)))
+        attempt = self.running()[pair]
+        key = key_of(attempt.claimed.payload)
+        model = self.models[key]
+        last = model.run_attempt >= model.max_tries
+        failing = behaviour == "fail_now" or (behaviour != "succeed" and last)
+        statement = (
+            "finish" if behaviour == "succeed" else "move_to_failed" if failing else "release"
+        )
+        if statement == "finish" and write == "refused":
+            write = "transient"  # deletes are retried whatever the error: nothing to refuse
+        self.hooks_hang(hang)
+        with faulty(statement, write):
+            self.end_attempt(attempt, behaviour)
+        seen[f"worker attempt {behaviour}" + (" (last)" if last else "")] += 1
+        seen[f"worker {statement} {write}"] += 1
+        if behaviour == "succeed":
+            model.place = "done"
+        elif failing or (statement == "release" and write == "refused"):
+            model.place, model.attempts = "failed", model.run_attempt
+            self.failures[key] += 1
+            if hanging and self.held(holder="the worker"):
+                self.worker_heartbeats()  # its hook hangs: the leases must be renewed all the same
+        else:
+            model.place, model.attempts = "pending", model.run_attempt
+            model.due = behaviour == "raise"
+        assert model.claimed is not None
+        self.fence_out(model.claimed)  # its claim is over: the worker must hold nothing of it
+        model.claimed, model.holder = None, "another"
+
+    @precondition(lambda self: self.due() or self.worker_runs(lost=False))
+    @rule(
+        data=st.data(),
+        behaviour=st.sampled_from(BEHAVIOURS),
+        write=st.sampled_from(WRITES),
+        hang=st.booleans(),
+    )
+    def worker_works(self, data: st.DataObject, behaviour: str, write: str, hang: bool) -> None:
+        """What the worker does most: claim what its slots allow, and end an attempt."""
+        if self.due():
+            self.worker_claims(4)
+        if self.worker_runs(lost=False):
+            self.worker_attempt_ends(data, behaviour, write, hang)
+
+    def end_attempt(self, attempt: Attempt, behaviour: str) -> None:
+        async def end() -> None:
+            assert isinstance(attempt.job, StateJob)
+            attempt.job.gate.set_result(behaviour)
+            assert attempt.task is not None
+            await asyncio.wait([attempt.task])
+
+        self.worker_step(end())
+
+    @precondition(lambda self: self.worker_runs(lost=True))
+    @rule(data=st.data(), behaviour=st.sampled_from(BEHAVIOURS))
+    def lost_attempt_ends(self, data: st.DataObject, behaviour: str) -> None:
+        """An attempt whose claim was taken over (the job may since have been claimed again
+        by this same worker) ends: whatever it records is fenced out, and what the worker
+        holds for the job's new claim stays."""
+        self.end_lost(data.draw(st.sampled_from(self.worker_runs(lost=True))), behaviour)
+
+    def end_lost(self, pair: _Key, behaviour: str) -> None:
+        before, hooks = self.wait(snapshot(self.engine)), Counter(hook_calls)
+        self.end_attempt(self.running()[pair], behaviour)
+        assert self.wait(snapshot(self.engine)) == before
+        assert hook_calls == hooks, "a hook ran for a failure that was not recorded"
+        assert pair not in self.worker._held
+        self.lost.discard(pair)
+        again = any(self.holding(k).id == pair[0] for k in self.held(holder="the worker"))
+        seen["lost attempt ended" + (", job claimed again" if again else "")] += 1
+
+    @precondition(
+        lambda self: any(not self.models[k].counted for k in self.held(holder="the worker"))
+    )
+    @rule()
+    def worker_counts_attempts(self) -> None:
+        """Jobs started from those claimed ahead have run for the counting delay: the worker
+        counts their attempt in the database."""
+        worker = self.worker
+
+        async def count() -> None:
+            counter = asyncio.create_task(worker._counter())
+            while worker._uncounted:
+                await asyncio.sleep(0.001)
+            worker._closed.set()  # the counter ends its round, then stops
+            await counter
+            worker._closed.clear()
+
+        saved, worker_module._COUNT_AFTER = worker_module._COUNT_AFTER, 0.0
+        try:
+            self.worker_step(count())
+        finally:
+            worker_module._COUNT_AFTER = saved
+        for key in self.held(holder="the worker"):
+            model = self.models[key]
+            if model.started and not model.counted:
+                model.counted, model.attempts = True, model.attempts + 1
+                seen["worker counted an attempt"] += 1
+
+    @precondition(lambda self: bool(self.held(holder="the worker") or hanging))
+    @rule()
+    def worker_heartbeats(self) -> None:
+        """The worker extends the leases of what it holds, hooks hanging or not."""
+        self.worker_step(self.worker._heartbeat())
+        for key in self.held(holder="the worker"):
+            self.models[key].expired = False
+        if self.held(holder="the worker"):
+            seen["worker heartbeat" + (" while a hook hangs" if hanging else "")] += 1
+
+    @precondition(lambda self: self.worker_runs(lost=False))
+    @rule(
+        data=st.data(),
+        by_itself=st.booleans(),
+        then=st.sampled_from([None, *BEHAVIOURS]),
+    )
+    def worker_stalls_and_claims_again(
+        self, data: st.DataObject, by_itself: bool, then: str | None
+    ) -> None:
+        """The worker's event loop stalls past a running job's lease; the job is taken over
+        (by another worker, or by the worker itself once it runs again) and, due at once,
+        claimed again by the same worker while the first attempt still runs; that attempt
+        may end ``then``."""
+        pair = data.draw(st.sampled_from(self.worker_runs(lost=False)))
+        (key,) = [k for k in self.held(holder="the worker") if pair == self.pair(k)]
+        self.expire(key)
+        if by_itself:
+            self.worker_rescues(hang=False)
+        else:
+            self.rescue(4)
+        if self.models[key].place == "pending":
+            self.worker_claims(4)
+        if then is not None:
+            self.end_lost(pair, then)
+
+    @precondition(lambda self: self.held(expired=True))
+    @rule(hang=st.booleans())
+    def worker_rescues(self, hang: bool) -> None:
+        """The worker takes over every expired lease (its own too): back to pending, or
+        failed (with the job's hook) when its attempts are spent."""
+        expired = self.held(expired=True)
+        self.hooks_hang(hang)
+        self.worker_step(self.worker._rescue())
+        for key in expired:
+            model = self.models[key]
+            self.taken_over(model)
+            if model.attempts < model.max_tries:
+                model.place, model.due = "pending", True
+                seen["worker rescued, back to pending"] += 1
+            else:
+                model.place = "failed"
+                self.failures[key] += 1
+                seen["worker rescued, failed"] += 1
+            model.claimed, model.expired = None, False
+
+    @precondition(lambda self: bool(hanging))
+    @rule()
+    def hooks_time_out(self) -> None:
+        """The hooks that hang reach their timeout: the watchdog cancels them."""
+        later = time.monotonic() + StateJob.timeout + 1
+        hooks = self.worker._hooks
+
+        async def watch() -> None:
+            hooks.watch(later, worker_module._CANCEL_WAIT)
+
+        timed_out = set(hanging)
+        self.worker_step(watch())
+        # (A hook waiting for a slot may start meanwhile, and hang in its turn.)
+        assert not timed_out & hanging, "a hook outlived its timeout"
+        seen["hooks timed out"] += 1
+
+    # Only while it holds a claim whose attempt is not counted: the crash of interest (any
+    # other is a lease running out, as above).
+    @precondition(
+        lambda self: any(not self.models[k].counted for k in self.held(holder="the worker"))
+    )
+    @rule()
+    def worker_crashes(self) -> None:
+        """The worker is killed; its leases run out later. What it claimed ahead, started or
+        not, keeps the attempts the database counted: none for those not yet counted."""
+        for hook in self.worker._hooks.running.values():
+            if hook.deadline == math.inf:  # waiting for a slot: dies with the worker, unrun
+                self.failures[key_of(hook.claimed.payload)] -= 1
+        self.wait(self._kill_worker())
+        for key in self.held(holder="the worker"):
+            model = self.models[key]
+            what = "started" if model.started else "not started"
+            seen[f"crash, claimed ahead and {what}" if not model.counted else "crash"] += 1
+            model.holder = "dead"
+            if not model.expired:
+                self.expire(key)
+        self.lost.clear()
+        self.worker, self.completer = self.wait(self._new_worker())
+
+    def hooks_hang(self, hang: bool) -> None:
+        _hooks_hang[0] = hang
 
     # ------------------------------------------------------------------ failed jobs
 
@@ -480,11 +872,66 @@ class JobStateMachine(RuleBasedStateMachine):
                 assert (row.id, row.token) == (model.claimed.id, model.claimed.token)
         assert set(rows) <= set(self.models), f"unknown jobs {set(rows) - set(self.models)}"
         assert not self.rolled_back & set(rows), "a rolled-back dispatch left a job"
+        for _, _, payload, attempts, exception in self.tables[1]:
+            model = self.models[key_of(payload)]
+            assert attempts >= model.max_tries or any(
+                reason in exception for reason in ("FailJob", "OutcomeNotRecorded")
+            ), f"failed with attempts left: {exception}"
+
+        self.check_the_worker()
+
+    def check_the_worker(self) -> None:
+        """What the machine's worker holds, runs, and ran hooks for (after the tables were
+        read)."""
+        worker = self.worker
+        live = {(self.holding(k).id, self.holding(k).token) for k in self.held(holder="the worker")}
+        held = set(worker._held)
+        assert live <= held, f"the worker dropped its claims {live - held}"
+        assert held - live <= self.lost, f"the worker holds claims it lost: {held - live}"
+        rows = {(r[0], r[6]) for r in self.tables[0]}
+        for pair, attempt in self.running().items():
+            key = key_of(attempt.claimed.payload)
+            assert pair in self.lost or pair in rows, f"{key} runs, yet is not reserved to it"
+        hooks = worker._hooks.running.values()
+        waiting = Counter(key_of(h.claimed.payload) for h in hooks if h.deadline == math.inf)
+        for key in set(self.failures) | set(hook_calls):
+            failed = self.failures[key]
+            assert hook_calls[key] + waiting[key] == failed, f"{key}: {hook_calls[key]} hooks"
 
     @invariant()
     def attempts_never_exceed_max_tries(self) -> None:
         for key, model in self.models.items():
             assert 0 <= model.attempts <= model.max_tries, f"{key}: {model.attempts} attempts"
+
+
+class Refused(sa.exc.DataError):
+    """What the database raises for a value it cannot store: permanent."""
+
+
+@contextlib.contextmanager
+def faulty(statement: str, write: str) -> Iterator[None]:
+    """The worker's next ``statement`` fails once: for a moment ("transient") or for good
+    ("refused"), then works again (a refused failure is written again with its text
+    escaped; a refused retry is not written again, the job is failed instead)."""
+    if write == "ok":
+        yield
+        return
+    real = getattr(ops, statement)
+    error: Exception = (
+        ConnectionResetError("connection reset")
+        if write == "transient"
+        else Refused("INSERT ...", {}, ValueError("value cannot be stored"))
+    )
+
+    async def once(*args: Any, **kwargs: Any) -> Any:
+        setattr(ops, statement, real)
+        raise error
+
+    setattr(ops, statement, once)
+    try:
+        yield
+    finally:
+        setattr(ops, statement, real)
 
 
 @pytest.fixture
@@ -493,11 +940,16 @@ def machine_runner() -> Iterator[asyncio.Runner]:
         yield runner
 
 
-def test_job_state_machine(db_url: str, machine_runner: asyncio.Runner) -> None:
+def test_job_state_machine(
+    db_url: str, machine_runner: asyncio.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = create_engine(db_url)
     seen.clear()
     JobStateMachine.runner = machine_runner
     JobStateMachine.engine = engine
+    JobStateMachine.url = db_url
+    # A write that failed for a moment is tried again at once, not after half a second.
+    monkeypatch.setattr(worker_module._Backoff, "next", lambda self: 0.001)
     try:
         run_state_machine_as_test(
             JobStateMachine,
@@ -524,5 +976,20 @@ def test_job_state_machine(db_url: str, machine_runner: asyncio.Runner) -> None:
         "rescued, failed",
         "failed job retried",
         *(f"fenced-out {op}" for op in ("finish", "release", "fail", "heartbeat")),
+        "worker claimed",
+        "worker claimed ahead",
+        *(f"worker attempt {b}" for b in BEHAVIOURS),
+        "worker attempt raise (last)",
+        *(f"worker {s} transient" for s in ("finish", "release", "move_to_failed")),
+        *(f"worker {s} refused" for s in ("release", "move_to_failed")),
+        "worker counted an attempt",
+        "worker's claim taken over",
+        "lost attempt ended, job claimed again",
+        "worker heartbeat while a hook hangs",
+        "worker rescued, back to pending",
+        "worker rescued, failed",
+        "hooks timed out",
+        "crash, claimed ahead and not started",
+        "crash, claimed ahead and started",
     }
     assert essential <= set(seen), f"never exercised: {essential - set(seen)}"
