@@ -261,6 +261,9 @@ class Worker:
         self._waiting: collections.deque[sql.Claimed] = collections.deque()
         # Started from there, attempt not counted yet: when each started (monotonic).
         self._uncounted: dict[_Key, float] = {}
+        # The keys of the count statement in flight, and its end: a retry of one of them waits
+        # for it, or the retry, committing first on another connection, would fence it out.
+        self._counting: tuple[set[_Key], asyncio.Future[None]] | None = None
         self._ready: list[_Key] = []  # attempt counted, but claimed as the worker stopped
         self._starting = True  # False once stopping: claimed jobs are released, not run
         self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
@@ -571,6 +574,8 @@ class Worker:
                     del self._uncounted[key]
                     if self._held.get(key) == _STARTED:
                         self._held[key] = _COUNTED
+                counted = self._loop.create_future()
+                self._counting = (set(keys), counted)
                 try:
                     await sql.count_attempts(await lane.get(), keys)
                 except Exception as exc:
@@ -581,6 +586,9 @@ class Worker:
                             self._held[key] = _STARTED
                             self._uncounted[key] = time.monotonic() - _COUNT_AFTER
                     _log_retry("counting attempts", exc, _COUNT_AFTER)
+                finally:
+                    self._counting = None
+                    counted.set_result(None)
         finally:
             await lane.reset()
 
@@ -708,6 +716,8 @@ class Worker:
             return
         key = (claimed.id, claimed.token)
         delay = outcome.delay
+        if self._counting is not None and key in self._counting[0]:
+            await asyncio.shield(self._counting[1])
         # A job started from those claimed ahead, whose attempt is not counted yet.
         count = self._uncounted.pop(key, None) is not None
         held, problem = await self._write(

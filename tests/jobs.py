@@ -516,3 +516,18 @@ class InfiniteRetryDelay(Job):
 
     def retry_delay(self, attempt: int) -> float:
         return float("inf")
+
+
+class RetriesAfter(Job):
+    """Sleeps ``seconds``, then asks to be retried in a minute."""
+
+    job_name = "tests.retries_after"
+    max_tries = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.15
+
+    async def handle(self) -> None:
+        await asyncio.sleep(self.seconds)
+        raise RetryJob("again later", delay=60)

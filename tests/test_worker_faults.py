@@ -554,6 +554,30 @@ async def test_a_hung_thread_does_not_keep_the_process_alive(
     assert "worker stopped: 0 succeeded, 0 retried, 1 failed" in worker.log()
 
 
+async def test_a_retry_waits_for_the_count_of_its_attempt_in_flight(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job claimed ahead retries while the statement counting its attempt is on its way:
+    the retry, on another connection, must not commit first and fence the count out."""
+    real_count = sql.count_attempts
+
+    async def slow_count(conn: object, pairs: object) -> None:
+        await asyncio.sleep(0.3)  # the job's retry comes meanwhile
+        await real_count(conn, pairs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sql, "count_attempts", slow_count)
+    await queue.bulk([test_jobs.RetriesAfter(), test_jobs.RetriesAfter()])
+    stats = await asyncio.wait_for(Worker(settings(db_url, concurrency=1, prefetch=1)).run(), 60)
+    assert stats.retried == 2
+    engine = create_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            attempts = (await conn.execute(sa.select(jobs.c.attempts))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert sorted(attempts) == [1, 1]
+
+
 # ------------------------------------------------------------------ SQLite and the primary key
 
 
