@@ -44,20 +44,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-failed_app = typer.Typer(
-    help="List, show, retry and delete failed jobs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+
+
+def _group(name: str, help: str, panel: str) -> typer.Typer:
+    """A subcommand group (``failed list``, ``schedule run``, ...) of the main app."""
+    group = typer.Typer(
+        help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    )
+    app.add_typer(group, name=name, rich_help_panel=panel)
+    return group
+
+
+failed_app = _group("failed", "List, show, retry and delete failed jobs.", FAILED_PANEL)
+schedule_app = _group(
+    "schedule", "List the periodic jobs, or enqueue one run of one now.", SCHEDULE_PANEL
 )
-app.add_typer(failed_app, name="failed", rich_help_panel=FAILED_PANEL)
-schedule_app = typer.Typer(
-    help="List the periodic jobs, or enqueue one run of one now.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.add_typer(schedule_app, name="schedule", rich_help_panel=SCHEDULE_PANEL)
 
 DatabaseUrl = Annotated[
     str | None,

@@ -15,7 +15,7 @@ import sqlite3
 import asyncpg
 import sqlalchemy.exc
 
-__all__ = ["TRANSIENT", "is_transient", "missing_schema"]
+__all__ = ["TRANSIENT", "Backoff", "is_transient", "missing_schema"]
 
 TRANSIENT = (
     sqlalchemy.exc.DBAPIError,
@@ -126,3 +126,20 @@ def is_transient(exc: BaseException) -> bool:
         | asyncpg.InterfaceError
         | asyncpg.InternalClientError,
     )
+
+
+class Backoff:
+    """Growing pauses between attempts to reach a database that is away: 0.5 s, doubled each
+    time, up to 30 s."""
+
+    MAX = 30.0
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    def next(self) -> float:
+        self.delay = min(self.MAX, max(0.5, self.delay * 2))
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = 0.0

@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from .config import database_url
 from .errors import ConfigurationError
+from .schema import metadata
 
 __all__ = [
     "APP_VERSION_TABLE",
@@ -50,7 +51,7 @@ VERSION_TABLE = "routemq_outbox_alembic_version"
 APP_VERSION_TABLE = "alembic_version"
 """Where an application's own alembic records our revisions when it applies them itself."""
 BRANCH = "routemq_outbox"
-TABLES = frozenset({"jobs", "failed_jobs", "schedule_slots", VERSION_TABLE})
+TABLES = frozenset({*metadata.tables, VERSION_TABLE})
 """The tables routemq-outbox creates: its migrations alone change them."""
 
 T = TypeVar("T")

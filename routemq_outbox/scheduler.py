@@ -37,6 +37,7 @@ from . import sql
 from .config import max_payload_bytes
 from .errors import UnknownSchedule
 from .errors import brief as _brief
+from .faults import Backoff
 from .job import Job, encode_payload, scheduled_jobs
 from .schedules import Schedule
 
@@ -57,7 +58,6 @@ _MAX_SLEEP = 60.0  # seconds between checks of the database clock when nothing i
 _CONTINUITY = timedelta(seconds=120)  # a longer silence counts as a restart: catch_up applies
 _LAG = 0.005  # seconds past a slot to wake at, so that the database's clock has reached it
 _PRUNE_EVERY = 3600.0
-_BACKOFF_MAX = 30.0
 
 
 @dataclass
@@ -103,14 +103,13 @@ class Scheduler:
             len(self._entries),
             ", ".join(f"{e.name} ({e.schedule.definition})" for e in self._entries),
         )
-        failures = 0
+        backoff = Backoff()
         while not stopping.is_set():
             try:
                 pause = await self.check()
-                failures = 0
+                backoff.reset()
             except Exception as exc:
-                failures = min(failures + 1, 10)  # 0.5 s doubled up to the cap
-                pause = min(_BACKOFF_MAX, 0.5 * 2**failures)
+                pause = backoff.next()
                 log.warning(
                     "scheduling periodic jobs failed (%s); retrying in %.1f s", _brief(exc), pause
                 )
@@ -234,9 +233,7 @@ async def run_now(engine: AsyncEngine, name: str, *, notify: bool) -> datetime:
     async with engine.connect() as conn, conn.begin():
         now = await sql.database_now(conn)
         payload = encode_payload(cls(), max_bytes=max_payload_bytes(), scheduled_at=now)
-        kind = sql.family(conn.dialect.name)
-        stmt, params = sql.insert_jobs(
-            conn.dialect.name, [(cls.queue, payload)], None, notify=notify and kind == "postgresql"
+        await conn.execute(
+            *sql.insert_jobs(conn.dialect.name, [(cls.queue, payload)], None, notify=notify)
         )
-        await conn.execute(stmt, params)
     return now

@@ -1031,17 +1031,14 @@ async def enqueue_slot(
 ) -> bool:
     """Take ``slot`` of ``schedule`` and insert its job, in one transaction; False (and
     nothing inserted) when the slot was already taken."""
-    kind = family(conn.dialect.name)
     async with conn.begin():
         taken = await conn.execute(
-            _TAKE_SLOT[kind], {"schedule": schedule, "slot": slot, "definition": definition}
+            _TAKE_SLOT[family(conn.dialect.name)],
+            {"schedule": schedule, "slot": slot, "definition": definition},
         )
         if taken.rowcount != 1:
             return False
-        stmt, params = insert_jobs(
-            conn.dialect.name, [(queue, payload)], None, notify=notify and kind == "postgresql"
-        )
-        await conn.execute(stmt, params)
+        await conn.execute(*insert_jobs(conn.dialect.name, [(queue, payload)], None, notify=notify))
     return True
 
 

@@ -66,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger("routemq_outbox.worker")
 
-_BACKOFF_MAX = 30.0
 _FINISH_BATCH = 1000
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
 _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs before it is counted
@@ -185,20 +184,6 @@ class WorkerObserver(Protocol):
 
     async def watch(self, worker: Worker) -> None:
         """Runs beside the worker until the worker closes (then it is cancelled)."""
-
-
-class _Backoff:
-    """Growing pauses between attempts to reach a database that is away."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-
-    def next(self) -> float:
-        self.delay = min(_BACKOFF_MAX, max(0.5, self.delay * 2))
-        return self.delay
-
-    def reset(self) -> None:
-        self.delay = 0.0
 
 
 class _Lane:
@@ -428,7 +413,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         settings = self.settings
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         while not self._stopping.is_set():
             if settings.max_jobs is not None and self.stats.claimed >= settings.max_jobs:
                 log.info("claimed --max-jobs=%d jobs; finishing", settings.max_jobs)
@@ -817,7 +802,7 @@ class Worker:
         worker's, (None, error) if the database refused it for good, and (None, None) if the
         worker, closing, gave up on a database that stayed away.
         """
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         while True:
             try:
                 async with self.engine.connect() as conn:
@@ -831,7 +816,7 @@ class Worker:
                 _log_retry("database write", exc, pause)
                 await asyncio.sleep(pause)
 
-    def _closing_pause(self, backoff: _Backoff) -> float | None:
+    def _closing_pause(self, backoff: faults.Backoff) -> float | None:
         """The pause before trying a write again, shorter once the worker is closing; None
         once the worker has tried for long enough after closing."""
         pause = backoff.next()
@@ -842,14 +827,14 @@ class Worker:
 
     async def _completer(self) -> None:
         """Delete finished jobs in batches: whatever finished while the last delete ran."""
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         lane = _Lane(self.engine)
         try:
             await self._complete(lane, backoff)
         finally:
             await lane.reset()
 
-    async def _complete(self, lane: _Lane, backoff: _Backoff) -> None:
+    async def _complete(self, lane: _Lane, backoff: faults.Backoff) -> None:
         while True:
             await self._done_ready.wait()
             self._done_ready.clear()
@@ -975,7 +960,7 @@ class Worker:
     async def _heartbeats(self) -> None:
         """Extend the leases of every held job, until the worker is closed (so that jobs
         finishing in the grace period keep their leases)."""
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         while not self._closed.is_set():
             try:
                 await self._heartbeat()
@@ -1002,7 +987,7 @@ class Worker:
     async def _rescuer(self) -> None:
         """Take over jobs of this worker's queues whose worker went silent, until stopping.
         Apart from the heartbeats: writing down a rescued job's fate must never delay them."""
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         while not self._stopping.is_set():
             try:
                 await self._rescue()
@@ -1055,7 +1040,7 @@ class Worker:
 
     async def _listen(self) -> None:
         """Wake the claim loop on NOTIFY; on a lost connection, poll and reconnect."""
-        backoff = _Backoff()
+        backoff = faults.Backoff()
         queues = set(self.settings.queues)
         while not self._stopping.is_set():
             lost = asyncio.Event()

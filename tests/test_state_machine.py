@@ -61,7 +61,7 @@ from hypothesis.stateful import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routemq_outbox import FailJob, Job, RetryJob, Worker, WorkerSettings, dispatch
+from routemq_outbox import FailJob, Job, RetryJob, Worker, WorkerSettings, dispatch, faults
 from routemq_outbox import sql as ops
 from routemq_outbox import worker as worker_module
 from routemq_outbox.admin import retry_failed
@@ -949,7 +949,7 @@ def test_job_state_machine(
     JobStateMachine.engine = engine
     JobStateMachine.url = db_url
     # A write that failed for a moment is tried again at once, not after half a second.
-    monkeypatch.setattr(worker_module._Backoff, "next", lambda self: 0.001)
+    monkeypatch.setattr(faults.Backoff, "next", lambda self: 0.001)
     try:
         run_state_machine_as_test(
             JobStateMachine,
