@@ -20,13 +20,23 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from . import sql
+from . import sql, tracing
+from .ambient import current_session
 from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
 from .errors import MAX_DELAY_SECONDS, InvalidDelay
 from .job import Job, encode_payload, validate_queue_name
 
-__all__ = ["AsyncTarget", "Delay", "Queue", "SyncTarget", "dispatch", "dispatch_sync", "queue"]
+__all__ = [
+    "AsyncTarget",
+    "Delay",
+    "Queue",
+    "SyncTarget",
+    "dispatch",
+    "dispatch_sync",
+    "insert_payloads",
+    "queue",
+]
 
 Delay = float | int | timedelta | datetime
 """Seconds from now, a timedelta, or a timezone-aware datetime."""
@@ -84,6 +94,22 @@ class _Insert:
     def statement(self, dialect_name: str) -> sql.Statement:
         notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
         return sql.insert_jobs(dialect_name, self.rows, self.available, notify=notify)
+
+    async def put(self, session: AsyncTarget | None, connection: str | None) -> None:
+        if session is None and connection is None:
+            session = current_session()  # inside ``async with transaction(session):``
+        if tracing.enabled():
+            with tracing.send_span(self.rows) as rows:
+                await _run_async(_Insert(rows, self.available).statement, session, connection)
+            return
+        await _run_async(self.statement, session, connection)
+
+    def put_sync(self, session: SyncTarget | None, connection: str | None) -> None:
+        if tracing.enabled():
+            with tracing.send_span(self.rows) as rows:
+                _run_sync(_Insert(rows, self.available).statement, session, connection)
+            return
+        _run_sync(self.statement, session, connection)
 
 
 def _insert(jobs: Iterable[Job], queue: str | None, delay: Delay | None) -> _Insert:
@@ -171,7 +197,7 @@ class Queue:
         connection: str | None = None,
     ) -> None:
         """Put ``job`` on ``queue`` (default: the job's own queue), due now."""
-        await _run_async(_insert([job], queue, None).statement, session, connection)
+        await _insert([job], queue, None).put(session, connection)
 
     async def later(
         self,
@@ -183,7 +209,7 @@ class Queue:
         connection: str | None = None,
     ) -> None:
         """Put ``job`` on the queue, due after ``delay`` (seconds, timedelta or aware datetime)."""
-        await _run_async(_insert([job], queue, delay).statement, session, connection)
+        await _insert([job], queue, delay).put(session, connection)
 
     async def bulk(
         self,
@@ -197,7 +223,7 @@ class Queue:
         """Put many jobs on the queue in one statement. All or none are inserted."""
         insert = _insert(jobs, queue, delay)
         if insert.rows:
-            await _run_async(insert.statement, session, connection)
+            await insert.put(session, connection)
 
     async def size(
         self,
@@ -218,7 +244,7 @@ class Queue:
         connection: str | None = None,
     ) -> None:
         """:meth:`push` for a blocking ``Session`` / ``Connection``."""
-        _run_sync(_insert([job], queue, None).statement, session, connection)
+        _insert([job], queue, None).put_sync(session, connection)
 
     def later_sync(
         self,
@@ -230,7 +256,7 @@ class Queue:
         connection: str | None = None,
     ) -> None:
         """:meth:`later` for a blocking ``Session`` / ``Connection``."""
-        _run_sync(_insert([job], queue, delay).statement, session, connection)
+        _insert([job], queue, delay).put_sync(session, connection)
 
     def bulk_sync(
         self,
@@ -244,7 +270,7 @@ class Queue:
         """:meth:`bulk` for a blocking ``Session`` / ``Connection``."""
         insert = _insert(jobs, queue, delay)
         if insert.rows:
-            _run_sync(insert.statement, session, connection)
+            insert.put_sync(session, connection)
 
     def size_sync(
         self,
@@ -272,7 +298,7 @@ async def dispatch(
     Pass ``session=`` to dispatch inside your transaction: the job then exists if and only if
     that transaction commits.
     """
-    await _run_async(_insert([job], None, delay).statement, session, connection)
+    await _insert([job], None, delay).put(session, connection)
 
 
 def dispatch_sync(
@@ -283,4 +309,18 @@ def dispatch_sync(
     connection: str | None = None,
 ) -> None:
     """:func:`dispatch` for a blocking ``Session`` / ``Connection``."""
-    _run_sync(_insert([job], None, delay).statement, session, connection)
+    _insert([job], None, delay).put_sync(session, connection)
+
+
+async def insert_payloads(
+    rows: Iterable[tuple[str, str]],
+    *,
+    delay: Delay | None = None,
+    session: AsyncTarget | None = None,
+    connection: str | None = None,
+) -> None:
+    """Insert payloads already encoded as JSON objects' text, as (queue, payload) pairs, the
+    way :func:`dispatch` inserts jobs: for queue drivers that bring their own payload format."""
+    checked = [(validate_queue_name(name), payload) for name, payload in rows]
+    if checked:
+        await _Insert(checked, _availability(delay)).put(session, connection)

@@ -29,6 +29,9 @@ def import_job_modules(modules: Sequence[str]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigurationError(f"cannot import job module {module!r}: {exc}") from exc
+    if "routemq.job" in sys.modules:
+        # The application's jobs are RouteMQ's: teach the worker to run them.
+        importlib.import_module("routemq_outbox.routemq_driver")
 
 
 def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
