@@ -284,3 +284,27 @@ async def test_the_drivers_lease_heartbeat_reaper_and_failed_job_operations(
     await other.failed("outbox", "emails", third["payload"], "not held: failed_jobs only")
     assert await other.flush_failed_jobs("emails") == 1
     assert await other.flush_failed_jobs("nowhere") == 0
+
+
+async def test_a_worker_process_runs_the_routemq_jobs_it_imports(
+    sqlite_url: str, spawn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``routemq-outbox work --import app.jobs`` with only RouteMQ job modules imported."""
+    from routemq_outbox.database import create_engine
+
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        async with engine.begin() as conn:
+            from .jobs import CREATE_LOG
+
+            await conn.execute(sa.text(CREATE_LOG))
+        await dispatch(keyed(routemq_jobs.FlakyJob, "flaky"))
+        worker = spawn(
+            sqlite_url, "--import", "tests.routemq_jobs", "--stop-when-empty", "--sleep", "0.1"
+        )
+        assert worker.wait(60) == 0, worker.log()
+        assert [(e, a) for k, e, a in await log(engine)] == [("start", 1), ("start", 2), ("ran", 2)]
+        assert await count(engine, jobs) == 0
+    finally:
+        await engine.dispose()
