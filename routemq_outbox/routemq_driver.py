@@ -163,7 +163,7 @@ def _job_id(job_id: int | str) -> int:
     return int(job_id)
 
 
-class OutboxQueue(QueueDriver):  # type: ignore[misc]
+class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
     """RouteMQ's ``QueueDriver`` on the outbox tables (``QUEUE_CONNECTION=outbox``).
 
     A popped job is held under a lease (RouteMQ's visibility timeout, 300 s unless its worker
@@ -286,11 +286,14 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc]
                         job, job.payload, describe(outcome.error), self.connection_name
                     )
                 else:
-                    pair = [(job.id, job.token)]
-                    await self._with(lambda conn: sql.release(conn, pair, delay=None))
+                    await self._back_to_pending(job)
             reaped += len(found)
             if len(found) < 100:
                 return reaped
+
+    async def _back_to_pending(self, job: sql.Claimed) -> None:
+        pair = [(job.id, job.token)]
+        await self._with(lambda conn: sql.release(conn, pair, delay=None))
 
     async def list_failed_jobs(self, queue: str | None = None) -> list[dict[str, Any]]:
         page = await admin.list_failed(self._engine(), queue=queue, limit=admin.MAX_LIST_LIMIT)

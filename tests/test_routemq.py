@@ -16,26 +16,27 @@ pytest.importorskip(
     "routemq", reason="RouteMQ is not installed (it needs Python 3.12+: the routemq extra)"
 )
 
-from routemq.job import Job as RouteMQJob  # noqa: E402
-from routemq.queue.queue_manager import QueueManager, dispatch  # noqa: E402
-from routemq.queue.queue_manager import queue as routemq_queue  # noqa: E402
-from routemq.queue.queue_worker import QueueWorker  # noqa: E402
+from routemq.job import Job as RouteMQJob
+from routemq.queue.queue_manager import QueueManager, dispatch
+from routemq.queue.queue_manager import queue as routemq_queue
+from routemq.queue.queue_worker import QueueWorker
 
-from routemq_outbox import testing, transaction  # noqa: E402
-from routemq_outbox.execution import load  # noqa: E402
-from routemq_outbox.routemq_driver import OutboxQueue, RouteMQJob as Adapter, wrap  # noqa: E402
-from routemq_outbox.schema import failed_jobs, jobs  # noqa: E402
-from routemq_outbox.sql import Claimed  # noqa: E402
+from routemq_outbox import testing, transaction
+from routemq_outbox.execution import load
+from routemq_outbox.routemq_driver import OutboxQueue, wrap
+from routemq_outbox.routemq_driver import RouteMQJob as Adapter
+from routemq_outbox.schema import failed_jobs, jobs
+from routemq_outbox.sql import Claimed
 
-from . import routemq_jobs  # noqa: E402
-from .jobs import log_table as job_log  # noqa: E402
+from . import routemq_jobs
+from .jobs import log_table as job_log
 
 
 @pytest.fixture(autouse=True)
 def _outbox_by_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``QUEUE_CONNECTION=outbox``, which RouteMQ reads once, when it is first imported."""
     monkeypatch.setattr(routemq_queue, "_default_connection", "outbox")
-    yield
+    return
 
 
 PLACED = sa.insert(job_log).values(job_key="order", event="placed", attempt=0, pid=0, at=0.0)
@@ -56,9 +57,7 @@ def keyed(cls: type[Any], key: str) -> Any:
 async def log(engine: AsyncEngine) -> list[tuple[str, str, int]]:
     async with engine.connect() as conn:
         rows = await conn.execute(
-            sa.select(job_log.c.job_key, job_log.c.event, job_log.c.attempt).order_by(
-                job_log.c.at
-            )
+            sa.select(job_log.c.job_key, job_log.c.event, job_log.c.attempt).order_by(job_log.c.at)
         )
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
@@ -133,12 +132,11 @@ async def test_a_rolled_back_routemq_dispatch_leaves_no_job(
 async def test_transaction_joins_a_transaction_already_begun(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    async with AsyncSession(engine) as session:
-        async with session.begin():
-            async with transaction(session):
-                await dispatch(email("joined@example.com"))
-            assert await count(engine, jobs) == 0  # the block did not commit the caller's
-            await session.rollback()
+    async with AsyncSession(engine) as session, session.begin():
+        async with transaction(session):
+            await dispatch(email("joined@example.com"))
+        assert await count(engine, jobs) == 0  # the block did not commit the caller's
+        await session.rollback()
     assert await count(engine, jobs) == 0
 
 
@@ -252,7 +250,8 @@ async def test_the_drivers_lease_heartbeat_reaper_and_failed_job_operations(
     driver = OutboxQueue()
     await driver.push(routemq_jobs.SendEmailJob().serialize(), "emails")
     popped = await driver.pop("emails")
-    assert popped is not None and popped["attempts"] == 1
+    assert popped is not None
+    assert popped["attempts"] == 1
     assert json.loads(popped["payload"])["class"] == "tests.routemq_jobs.SendEmailJob"
     assert await driver.heartbeat(popped["id"], "emails") is True
     assert await driver.pop("emails") is None  # held
@@ -266,7 +265,9 @@ async def test_the_drivers_lease_heartbeat_reaper_and_failed_job_operations(
     assert await driver.heartbeat(popped["id"], "emails") is False  # no longer ours
     await driver.delete(popped["id"], "emails")  # the stale holder cannot delete it
     again = await other.pop("emails")
-    assert again is not None and again["id"] == popped["id"] and again["attempts"] == 2
+    assert again is not None
+    assert again["id"] == popped["id"]
+    assert again["attempts"] == 2
 
     await other.failed("outbox", "emails", again["payload"], "RuntimeError: gave up")
     await other.delete(again["id"], "emails")

@@ -96,7 +96,9 @@ def placeholders() -> dict[str, Any]:
         pass
 
     jobs_classes = {
-        name: cls for name, cls in vars(seed_jobs).items() if inspect.isclass(cls) and name[0] != "_"
+        name: cls
+        for name, cls in vars(seed_jobs).items()
+        if inspect.isclass(cls) and name[0] != "_"
     }
     return {
         "__name__": "sample",
@@ -124,7 +126,7 @@ def placeholders() -> dict[str, Any]:
 
 async def run(source: str, namespace: dict[str, Any]) -> None:
     code = compile(source, "<sample>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    result: Awaitable[None] | None = eval(code, namespace)  # noqa: S307 - the page's own code
+    result: Awaitable[None] | None = eval(code, namespace)
     if inspect.isawaitable(result):
         await result
 
@@ -139,7 +141,9 @@ def test_the_page_has_the_22_samples_counted() -> None:
     changed = [
         n
         for n, source in enumerate(SAMPLES, 1)
-        for before, after in zip(source.splitlines(), with_our_imports(source).splitlines())
+        for before, after in zip(
+            source.splitlines(), with_our_imports(source).splitlines(), strict=True
+        )
         if before != after and not after.startswith("from ")
     ]
     assert changed == []  # only imports change

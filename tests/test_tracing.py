@@ -14,19 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk are absent")
 
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
-from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
-from opentelemetry.util._once import Once  # noqa: E402
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util._once import Once
 
-from routemq_outbox import Job, dispatch, queue, testing, tracing  # noqa: E402
-from routemq_outbox.schema import jobs  # noqa: E402
+from routemq_outbox import Job, dispatch, queue, testing, tracing
+from routemq_outbox.schema import jobs
 
-from . import jobs as test_jobs  # noqa: E402
+from . import jobs as test_jobs
 
 
 class Traced(Job):
@@ -94,7 +94,8 @@ async def test_a_job_dispatched_in_a_span_runs_in_a_span_of_the_same_trace(
     [send] = named(spans, "send default")
     [process] = named(spans, "process default")
     [inside] = named(spans, "inside a")
-    assert send.kind is SpanKind.PRODUCER and send.parent.span_id == request.get_span_context().span_id
+    assert send.kind is SpanKind.PRODUCER
+    assert send.parent.span_id == request.get_span_context().span_id
     assert send.attributes["messaging.system"] == "routemq_outbox"
     assert send.attributes["messaging.destination.name"] == "default"
     assert process.kind is SpanKind.CONSUMER
@@ -133,7 +134,8 @@ async def test_retries_give_a_span_per_attempt_and_a_failed_job_ends_in_error(
     assert [event.name for event in first.events] == ["exception"]
     assert first.events[0].attributes["exception.message"] == "flaky failure 1"
     assert first.attributes["routemq_outbox.job.outcome"] == "retry"
-    assert second.status.status_code is StatusCode.UNSET and not second.events
+    assert second.status.status_code is StatusCode.UNSET
+    assert not second.events
     [send] = named(spans, "send flaky")
     assert {s.parent.span_id for s in attempts} == {send.context.span_id}
 
