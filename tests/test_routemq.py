@@ -309,3 +309,24 @@ async def test_a_worker_process_runs_the_routemq_jobs_it_imports(
         assert await count(engine, jobs) == 0
     finally:
         await engine.dispose()
+
+
+def test_the_example_application_runs() -> None:
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    app = ROOT / "examples" / "routemq_app"
+    done = subprocess.run(
+        [sys.executable, "main.py"], cwd=app, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1. order o-1 arrives: {'status': 'accepted', 'order_id': 'o-1'}",
+        "2. order o-2 is refused (order o-2 has no items): neither the order nor its job exists",
+        "   orders: [('o-1', 'new')]; jobs waiting: 1",
+        "3. a worker runs the RouteMQ job:",
+        "   processed order o-1 (attempt 1)",
+        "   orders: [('o-1', 'processed')]; jobs waiting: 0",
+    ]
