@@ -19,6 +19,7 @@ never imports a module a payload names.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -211,6 +212,7 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
                 f"`routemq-outbox work --queue {job.queue}`"
             )
             await self._move_to_failed(job, job.payload, describe(error), self.connection_name)
+            log.warning("%s; moved to failed_jobs", error)
             return None
         self._held[job.id] = job
         return {"id": job.id, "payload": payload, "attempts": job.attempts}
@@ -231,7 +233,10 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
         if job is None:
             return False
         pair = [(job.id, job.token)]
-        return bool(await self._with(lambda conn: sql.extend_leases(conn, pair, self._lease)))
+        # RouteMQ's worker cancels its heartbeat task when the job ends, possibly mid-write:
+        # let the write finish rather than abandon a connection in the middle of it.
+        extend = self._with(lambda conn: sql.extend_leases(conn, pair, self._lease))
+        return bool(await asyncio.shield(extend))
 
     async def failed(self, connection: str, queue: str, payload: str, exception: str) -> None:
         # RouteMQ's worker calls this for the job it runs, then deletes that job: move the
