@@ -4,6 +4,8 @@ do."""
 
 from __future__ import annotations
 
+import asyncio
+
 from routemq.job import Job
 
 from .jobs import record
@@ -65,3 +67,14 @@ class UnregisteredJob(Job):
 
     async def handle(self) -> None:
         await record("unregistered", "ran", self.attempts)
+
+
+@Job.register
+class SlowJob(Job):
+    """Outlives its one-second timeout."""
+
+    max_tries = 1
+    timeout = 1
+
+    async def handle(self) -> None:
+        await asyncio.sleep(30)

@@ -5,6 +5,7 @@ on every backend."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -330,3 +331,15 @@ def test_the_example_application_runs() -> None:
         "   processed order o-1 (attempt 1)",
         "   orders: [('o-1', 'processed')]; jobs waiting: 0",
     ]
+
+
+async def test_our_worker_holds_a_routemq_job_to_its_timeout(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    await dispatch(routemq_jobs.SlowJob())
+    started = time.monotonic()
+    stats = await testing.work_off()
+    assert time.monotonic() - started < 20
+    assert stats.failed == 1
+    [failed] = await OutboxQueue().list_failed_jobs()
+    assert "JobTimeout: attempt 1 ran longer than its 1 s timeout" in failed["exception"]
