@@ -3,7 +3,8 @@
 With ``session=`` (an ``AsyncSession`` or ``AsyncConnection``; a ``Session`` or ``Connection``
 for the ``*_sync`` twins) the insert joins the caller's transaction and nothing is committed:
 the job exists exactly when the caller's transaction commits. Without it, the call commits a
-short transaction of its own on the configured database (``connection=`` names which one).
+short transaction of its own on the configured database (``connection=`` names which one),
+unless it runs inside ``async with transaction(session):``, whose session it then joins.
 
 Every twin validates and serialises through the same code before touching the database, so bad
 input raises before anything is sent, and builds its statement with :mod:`routemq_outbox.sql`.
