@@ -15,6 +15,7 @@ is a proxy, which :func:`enabled` checks before any work is done.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -39,12 +40,25 @@ TRACE_KEY = "trace"
 _INSTRUMENTATION = "routemq_outbox"
 
 
+_MISSING = object()
+# A provider named by this variable is made on the first get_tracer_provider() call.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+_NOT_RECORDING = () if trace is None else (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
 def enabled() -> bool:
-    """Whether spans are recorded: the API is installed and an SDK's provider is set."""
+    """Whether spans are recorded: the API is installed and an SDK's provider is set.
+
+    Every dispatch and attempt asks, so it reads the API's global rather than calling
+    ``get_tracer_provider()``, which looks up an environment variable each time it finds none
+    set (over a microsecond); the public call is kept for what the global cannot tell.
+    """
     if trace is None:
         return False
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    provider = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+    if provider is _MISSING or (provider is None and _PROVIDER_FROM_ENV):
+        provider = trace.get_tracer_provider()
+    return provider is not None and not isinstance(provider, _NOT_RECORDING)
 
 
 def _tracer() -> Any:
