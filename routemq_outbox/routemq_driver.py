@@ -47,7 +47,7 @@ from .job import Job
 try:
     from routemq.job import Job as RouteMQBaseJob
     from routemq.queue.queue_driver import QueueDriver
-    from routemq.settings import load_queue_retry_settings
+    from routemq.settings import load_queue_reliability_settings, load_queue_retry_settings
 except ImportError as exc:  # pragma: no cover - only where RouteMQ is absent
     raise ImportError(
         "routemq_outbox.routemq_driver needs RouteMQ (Python 3.12+): "
@@ -167,11 +167,12 @@ def _job_id(job_id: int | str) -> int:
 class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
     """RouteMQ's ``QueueDriver`` on the outbox tables (``QUEUE_CONNECTION=outbox``).
 
-    A popped job is held under a lease (RouteMQ's visibility timeout, 300 s unless its worker
-    says otherwise) that ``heartbeat`` extends; ``release``, ``delete`` and ``failed`` act on
-    it only while this driver still holds it, so a worker whose lease ran out cannot touch a
-    job another worker has taken since. ``failed`` moves the held job to failed_jobs in one
-    transaction, and the ``delete`` RouteMQ's worker sends after it finds nothing left.
+    A popped job is held under a lease (RouteMQ's ``QUEUE_VISIBILITY_TIMEOUT``, 300 s by
+    default, or what its worker passes to ``reap_expired``) that ``heartbeat`` extends.
+    ``release``, ``delete`` and ``failed`` act on it only while this driver still holds it, so
+    a worker whose lease ran out cannot touch a job another worker has taken since. ``failed``
+    moves the held job to failed_jobs in one transaction, and the ``delete`` RouteMQ's worker
+    sends after it finds nothing left.
     """
 
     connection_name = "outbox"
@@ -179,7 +180,7 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
     def __init__(self, connection: str = DEFAULT_CONNECTION) -> None:
         self._connection = connection
         self._held: dict[int, sql.Claimed] = {}
-        self._lease = 300.0
+        self._lease = float(load_queue_reliability_settings().visibility_timeout)
 
     def _engine(self) -> AsyncEngine:
         return connection_engine(self._connection)
