@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import timedelta
 from typing import Any
 
@@ -75,13 +76,17 @@ async def test_a_unique_dispatch_reports_the_holder_and_plain_dispatch_returns_n
     first = await dispatch(unique(7))
     again = await dispatch(unique(7, "again"))
     other = await dispatch(unique(8))
-    assert isinstance(first, DispatchResult) and not first.duplicate
+    assert isinstance(first, DispatchResult)
+    assert not first.duplicate
     assert again == DispatchResult(first.id, True)
-    assert other is not None and not other.duplicate and other.id != first.id
+    assert other is not None
+    assert not other.duplicate
+    assert other.id != first.id
     assert await dispatch(test_jobs.Record()) is None
     # An explicit key overrides the class's; the same text is the same key.
     by_hand = await dispatch(unique(9), unique_key="account-9")
-    assert by_hand is not None and not by_hand.duplicate
+    assert by_hand is not None
+    assert not by_hand.duplicate
     assert await dispatch(unique(10), unique_key="account-9") == DispatchResult(by_hand.id, True)
     stored = await rows(engine, jobs.c.id, jobs.c.unique_key)
     assert [key for _, key in stored] == [
@@ -94,7 +99,8 @@ async def test_a_unique_dispatch_reports_the_holder_and_plain_dispatch_returns_n
 
 async def test_the_sync_twin_and_queue_push_honour_unique_keys(engine: AsyncEngine) -> None:
     first = dispatch_sync(unique("a"))
-    assert first is not None and not first.duplicate
+    assert first is not None
+    assert not first.duplicate
     assert dispatch_sync(unique("a")) == DispatchResult(first.id, True)
     assert await queue.push(unique("a")) == DispatchResult(first.id, True)
     assert await queue.later(5, unique("a")) == DispatchResult(first.id, True)
@@ -105,10 +111,12 @@ async def test_a_rolled_back_dispatch_frees_its_key(engine: AsyncEngine) -> None
     async with engine.connect() as conn:
         transaction = await conn.begin()
         inside = await dispatch(unique(1), session=conn)
-        assert inside is not None and not inside.duplicate
+        assert inside is not None
+        assert not inside.duplicate
         await transaction.rollback()
     after = await dispatch(unique(1))
-    assert after is not None and not after.duplicate
+    assert after is not None
+    assert not after.duplicate
     assert await count(engine, jobs) == 1
 
 
@@ -129,14 +137,16 @@ async def test_a_key_is_held_while_queued_or_active(
         async with engine.connect() as conn:
             assert await sql.finish(conn, [(claimed.id, claimed.token)]) == 1
         finished = await dispatch(unique(1, cls=job_class))
-        assert finished is not None and not finished.duplicate
+        assert finished is not None
+        assert not finished.duplicate
 
 
 async def test_a_unique_period_outlives_the_job_and_expires(
     engine: AsyncEngine, db_url: str
 ) -> None:
     first = await dispatch(unique(1, cls=test_jobs.UniqueWindow))
-    assert first is not None and not first.duplicate
+    assert first is not None
+    assert not first.duplicate
     await drain(db_url)
     assert await count(engine, jobs) == 0
     # The job ran and left; its key stays taken for the period.
@@ -147,12 +157,15 @@ async def test_a_unique_period_outlives_the_job_and_expires(
         assert (await sql.housekeep(conn)).expired_windows == 1
     assert await count(engine, unique_windows) == 0
     again = await dispatch(unique(1, cls=test_jobs.UniqueWindow))
-    assert again is not None and not again.duplicate
+    assert again is not None
+    assert not again.duplicate
     # An expired period that no worker pruned yet is taken over by the next dispatch.
     await drain(db_url)
     await asyncio.sleep(1.1)
     third = await dispatch(unique(1, cls=test_jobs.UniqueWindow))
-    assert third is not None and not third.duplicate and third.id != again.id
+    assert third is not None
+    assert not third.duplicate
+    assert third.id != again.id
 
 
 async def test_bulk_skips_duplicates_within_the_batch_and_against_the_table(
@@ -165,11 +178,14 @@ async def test_bulk_skips_duplicates_within_the_batch_and_against_the_table(
     assert isinstance(result, BulkResult)
     assert result.inserted == (1, 3, 4)
     assert result.duplicates == (0, 2)
-    assert result.ids[0] == held.id and result.ids[2] == result.ids[1]
+    assert result.ids[0] == held.id
+    assert result.ids[2] == result.ids[1]
     assert await count(engine, jobs) == 4
     assert await queue.bulk([test_jobs.Record(), test_jobs.Record()]) is None
     sync = queue.bulk_sync([unique(2), unique(5)])
-    assert sync is not None and sync.inserted == (1,) and sync.duplicates == (0,)
+    assert sync is not None
+    assert sync.inserted == (1,)
+    assert sync.duplicates == (0,)
 
 
 async def _hold_then(engine: AsyncEngine, gate: asyncio.Event, commit: bool) -> DispatchResult:
@@ -203,10 +219,12 @@ async def test_concurrent_transactions_dispatching_one_key_insert_exactly_one_ro
     (row,) = await rows(engine, jobs.c.id)
     inserted = [result for result in others if not result.duplicate]
     if holder_commits:
-        assert not first.duplicate and first.id == row.id
+        assert not first.duplicate
+        assert first.id == row.id
         assert not inserted
     else:
-        assert len(inserted) == 1 and inserted[0].id == row.id
+        assert len(inserted) == 1
+        assert inserted[0].id == row.id
     assert all(result.id == row.id for result in others)
 
 
@@ -230,7 +248,8 @@ async def test_a_worker_retry_keeps_an_active_key_and_a_queued_one_is_free(
         claimed[0].id, True
     )
     again = await dispatch(unique(1, "queued-again"))
-    assert again is not None and not again.duplicate
+    assert again is not None
+    assert not again.duplicate
     await drain(db_url)
     assert await count(engine, jobs) == 0
     assert await count(engine, failed_jobs) == 0
@@ -260,7 +279,8 @@ async def test_failed_retry_brings_a_unique_job_back_without_its_key(
         )
         assert await sql.move_to_failed(conn, claimed.token, record)
     holder = await dispatch(unique(1, "holder", test_jobs.UniqueActive))
-    assert holder is not None and not holder.duplicate
+    assert holder is not None
+    assert not holder.duplicate
     async with engine.connect() as conn:
         (failed_id,) = (await conn.execute(sa.select(failed_jobs.c.id))).scalars()
     assert await retry_failed(engine, [failed_id]) == 1
@@ -343,13 +363,17 @@ def test_bad_key_settings_are_refused_when_the_class_is_defined(
 async def test_only_the_head_of_a_serial_key_is_due(engine: AsyncEngine) -> None:
     for i in range(3):
         result = await dispatch(ledger("a", f"a{i}"))
-        assert result is not None and not result.duplicate
+        assert result is not None
+        assert not result.duplicate
     await dispatch(ledger("b", "b0"))
     await dispatch(test_jobs.Record(), serial_key="a")  # an explicit key is its own key
     found = await rows(engine, jobs.c.serial_key, jobs.c.available_at, jobs.c.serial_due_at)
     parked = [row.available_at == PARKED_AT for row in found]
     assert parked == [False, True, True, False, False]
-    assert all((row.serial_due_at is None) != is_parked for row, is_parked in zip(found, parked))
+    assert all(
+        (row.serial_due_at is None) != is_parked
+        for row, is_parked in zip(found, parked, strict=False)
+    )
     assert await count(engine, serial_keys) == 3
 
 
@@ -369,10 +393,10 @@ def assert_serial(entries: list[Any], expected: dict[str, int]) -> None:
         mine = [row for row in entries if row.job_key.startswith(key)]
         ends = [row for row in mine if row.event == "end"]
         assert len(ends) >= number
-        for earlier, later in zip(mine, mine[1:], strict=False):
+        for earlier, later in itertools.pairwise(mine):
             if earlier.event == "start":
-                assert later.event == "end" and later.job_key == earlier.job_key, mine
-        finished = []
+                assert (later.event, later.job_key) == ("end", earlier.job_key), mine
+        finished: list[str] = []
         for row in ends:
             if not finished or finished[-1] != row.job_key:
                 finished.append(row.job_key)
@@ -441,7 +465,8 @@ async def test_housekeeping_promotes_a_missed_head_and_prunes_unused_keys(
         done = await sql.housekeep(conn)
     assert (done.promoted_keys, done.unused_serial_keys) == (1, 1)
     (row,) = await rows(engine, jobs.c.available_at, jobs.c.serial_due_at)
-    assert row.available_at < PARKED_AT and row.serial_due_at is None
+    assert row.available_at < PARKED_AT
+    assert row.serial_due_at is None
     async with engine.connect() as conn:
         assert await sql.housekeep(conn) == sql.Housekept(0, 0, 0)
 
@@ -465,7 +490,8 @@ async def test_worker_processes_keep_serial_order_across_many_keys(
     keys, per_key = 50, 40
     batch = [ledger(f"k{k}-", f"k{k}-{i}") for i in range(per_key) for k in range(keys)]
     result = await queue.bulk(batch)
-    assert result is not None and len(result.inserted) == keys * per_key
+    assert result is not None
+    assert len(result.inserted) == keys * per_key
     workers = [
         spawn(url, "--stop-when-empty", "--sleep", "0.1", "--concurrency", "20")
         for _ in range(processes)
