@@ -384,11 +384,28 @@ def _keyed_insert(kind: str, when: str, parked: bool) -> Any:
     ).returning(jobs.c.id)
 
 
+# PostgreSQL: every key in one statement, from one array parameter, in key order.
+_KEYS_ARRAY = sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String()))).alias(
+    "wanted"
+)
+_pg_take_many = postgresql.insert(serial_keys).from_select(
+    ["serial_key"],
+    sa.select(sa.column("wanted", sa.String())).select_from(_KEYS_ARRAY).order_by(sa.text("1")),
+)
+_TAKE_SERIAL_MANY = _pg_take_many.on_conflict_do_update(
+    index_elements=[serial_keys.c.serial_key],
+    set_={"serial_key": _pg_take_many.excluded.serial_key},
+)
+
+
 def lock_serial_keys(dialect_name: str, keys: Sequence[str]) -> Statement:
     """Take the ``serial_keys`` rows of ``keys`` for the caller's transaction, in key order
     (every transaction takes several in the same order, so none waits for another in a
     cycle)."""
-    return _TAKE_SERIAL[family(dialect_name)], [{"serial_key": key} for key in sorted(set(keys))]
+    ordered = sorted(set(keys))
+    if family(dialect_name) == "postgresql":
+        return _TAKE_SERIAL_MANY, {"keys": ordered}
+    return _TAKE_SERIAL[family(dialect_name)], [{"serial_key": key} for key in ordered]
 
 
 def insert_keyed(
@@ -789,13 +806,31 @@ _FIRST_OF_KEYS = (
 )
 # MySQL assigns left to right, each seeing the ones before: available_at first (the table's
 # column order, which SQLAlchemy keeps).
-_PROMOTION = {"available_at": jobs.c.serial_due_at, "serial_due_at": None}
+_PROMOTION = {"available_at": jobs.c.serial_due_at, "serial_due_at": sa.null()}
 _PROMOTE = (
     sa.update(jobs)
     .where(jobs.c.id.in_(_FIRST_OF_KEYS.scalar_subquery()), jobs.c.serial_due_at.isnot(None))
     .values(_PROMOTION)
 )
-_PROMOTE_NOTIFY = _notify_after(_PROMOTE.returning(jobs.c.queue).cte("promoted"))
+# PostgreSQL: the keys as one array parameter, so that the statement text is the same
+# whatever their number (asyncpg prepares it once per connection).
+_PROMOTE_PG = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id.in_(
+            sa.select(sa.func.min(jobs.c.id))
+            .where(
+                jobs.c.serial_key
+                == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String())))
+            )
+            .group_by(jobs.c.serial_key)
+            .scalar_subquery()
+        ),
+        jobs.c.serial_due_at.isnot(None),
+    )
+    .values(_PROMOTION)
+)
+_PROMOTE_NOTIFY_PG = _notify_after(_PROMOTE_PG.returning(jobs.c.queue).cte("promoted"))
 _PROMOTE_BY_ID = (
     sa.update(jobs)
     .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)), jobs.c.serial_due_at.isnot(None))
@@ -807,15 +842,15 @@ async def _promote(conn: AsyncConnection, keys: Sequence[str], *, notify: bool) 
     """Make the next job of each of ``keys`` its head (in the caller's transaction, which
     holds the keys' rows)."""
     kind = family(conn.dialect.name)
-    params = {"serial_keys": sorted(set(keys))}
     if kind == "mysql":
+        params = {"serial_keys": sorted(set(keys))}
         heads = [row[0] for row in await conn.execute(_FIRST_OF_KEYS, params)]
         if heads:
             await conn.execute(_PROMOTE_BY_ID, {"ids": heads})
-    elif kind == "postgresql" and notify:
-        await conn.execute(_PROMOTE_NOTIFY, params)
+    elif kind == "postgresql":
+        await conn.execute(_PROMOTE_NOTIFY_PG if notify else _PROMOTE_PG, {"keys": list(keys)})
     else:
-        await conn.execute(_PROMOTE, params)
+        await conn.execute(_PROMOTE, {"serial_keys": sorted(set(keys))})
 
 
 async def _lock_serial(conn: AsyncConnection, keys: Sequence[str]) -> None:
