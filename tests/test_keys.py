@@ -501,3 +501,26 @@ async def test_worker_processes_keep_serial_order_across_many_keys(
     assert_serial(await log(engine), {f"k{k}-": per_key for k in range(keys)})
     assert await count(engine, jobs) == 0
     await engine.dispose()
+
+
+async def test_plain_dispatch_sends_one_insert_and_reads_nothing_back(engine: AsyncEngine) -> None:
+    sent: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    async with engine.connect() as conn:
+        sa.event.listen(engine.sync_engine, "before_cursor_execute", before)
+        try:
+            async with conn.begin():
+                assert await dispatch(test_jobs.Record(), session=conn) is None
+                bulk = [test_jobs.Record(), test_jobs.Record()]
+                assert await queue.bulk(bulk, session=conn) is None
+                keyed = await dispatch(unique(1), session=conn)
+        finally:
+            sa.event.remove(engine.sync_engine, "before_cursor_execute", before)
+    assert keyed is not None
+    plain = [s for s in sent if s.startswith("INSERT INTO jobs")]
+    assert len(plain) >= 3
+    assert all("RETURNING" not in s and "unique_key" not in s for s in plain[:2]), plain
+    assert "unique_key" in plain[2]
