@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from routemq_outbox import Worker, WorkerSettings, dispatch
+from routemq_outbox import Worker, WorkerSettings, dispatch, sql
 from routemq_outbox.config import async_url
 from routemq_outbox.database import create_engine
 from routemq_outbox.job import encode_payload
@@ -51,7 +51,7 @@ async def _load(url: str, count: int, serial: bool) -> None:
     try:
         async with engine.begin() as conn:
             await conn.execute(sa.delete(jobs))
-            now = (await conn.execute(sa.select(sa.func.current_timestamp()))).scalar_one()
+            now = await sql.database_now(conn)
             rows: list[dict[str, Any]] = []
             for n in range(count):
                 row: dict[str, Any] = {"queue": "default", "payload": payload}
