@@ -524,3 +524,29 @@ async def test_plain_dispatch_sends_one_insert_and_reads_nothing_back(engine: As
     assert len(plain) >= 3
     assert all("RETURNING" not in s and "unique_key" not in s for s in plain[:2]), plain
     assert "unique_key" in plain[2]
+
+
+async def _serial_hold_then(engine: AsyncEngine, gate: asyncio.Event, commit: bool) -> None:
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        await dispatch(ledger("same", "held"), session=conn)
+        gate.set()
+        await asyncio.sleep(0.5)  # the others wait for the key's row meanwhile
+        await (transaction.commit() if commit else transaction.rollback())
+
+
+@pytest.mark.parametrize("holder_commits", [True, False])
+async def test_concurrent_producers_of_a_serial_key_take_turns(
+    engine: AsyncEngine, holder_commits: bool
+) -> None:
+    gate = asyncio.Event()
+    holder = asyncio.create_task(_serial_hold_then(engine, gate, holder_commits))
+    await gate.wait()
+    # Each in a transaction of its own, run again if InnoDB ends it as a deadlock victim.
+    results = await asyncio.gather(*(dispatch(ledger("same", f"w{i}")) for i in range(7)))
+    await holder
+    assert all(result is not None and not result.duplicate for result in results)
+    found = await rows(engine, jobs.c.id, jobs.c.available_at)
+    assert len(found) == 8 if holder_commits else 7
+    # Exactly one head, the first job; the others parked behind it.
+    assert [row.available_at == PARKED_AT for row in found] == [False] + [True] * (len(found) - 1)
