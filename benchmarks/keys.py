@@ -158,7 +158,7 @@ def main() -> int:
     parser.add_argument("--plain-only", action="store_true")
     args = parser.parse_args()
     url, name = database_of(args.database_url)
-    server = async_url(args.database_url)
+    server = async_url(args.database_url).render_as_string(hide_password=False)
     if name is not None:
         asyncio.run(on_server(server, f"CREATE DATABASE {name}"))
     try:
