@@ -12,10 +12,11 @@ input raises before anything is sent, and builds its statement with :mod:`routem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -26,11 +27,15 @@ from .ambient import current_session
 from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
 from .errors import MAX_DELAY_SECONDS, InvalidDelay
-from .job import Job, encode_payload, validate_queue_name
+from .faults import is_deadlock
+from .job import Job, encode_payload, job_data, validate_queue_name
+from .keys import NO_KEYS, JobKeys, job_keys
 
 __all__ = [
     "AsyncTarget",
+    "BulkResult",
     "Delay",
+    "DispatchResult",
     "Queue",
     "SyncTarget",
     "dispatch",
@@ -38,6 +43,13 @@ __all__ = [
     "insert_payloads",
     "queue",
 ]
+
+_T = TypeVar("_T")
+
+# A keyed dispatch in a transaction of its own runs it again when InnoDB picks it as a
+# deadlock's victim, which happens to one of several transactions waiting for the same key
+# when the one holding it rolls back. In the caller's transaction the caller must retry.
+_DEADLOCK_TRIES = 3
 
 Delay = float | int | timedelta | datetime
 """Seconds from now, a timedelta, or a timezone-aware datetime."""
@@ -87,46 +99,135 @@ def _availability(delay: Delay | None) -> sql.Availability:
     return float(seconds) or None
 
 
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """What a dispatch of a job with a unique or serial key did: ``id`` is the new job's, or,
+    when ``duplicate``, that of the job that holds the unique key (which may have finished
+    already, for a key held for a period by ``unique_for``)."""
+
+    id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What ``queue.bulk`` did with jobs among which some have keys: the positions (0-based,
+    in the order given) of the jobs inserted and of the duplicates skipped, and for each
+    position the id of its job or of the job holding its key."""
+
+    inserted: tuple[int, ...]
+    duplicates: tuple[int, ...]
+    ids: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class _Insert:
     rows: list[tuple[str, str]]
     available: sql.Availability
+    keys: list[JobKeys] | None = None  # None: no job has a key
 
     def statement(self, dialect_name: str) -> sql.Statement:
         notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
         return sql.insert_jobs(dialect_name, self.rows, self.available, notify=notify)
 
-    async def put(self, session: AsyncTarget | None, connection: str | None) -> None:
-        if session is None and connection is None:
-            session = current_session()  # inside ``async with transaction(session):``
-        if tracing.enabled():
-            with tracing.send_span(self.rows) as rows:
-                await _run_async(_Insert(rows, self.available).statement, session, connection)
-            return
-        await _run_async(self.statement, session, connection)
+    def steps(self, dialect_name: str) -> Any:
+        """The keyed insert: a generator of statements, returning one Inserted per row."""
+        assert self.keys is not None
+        notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
+        serial = [keys.serial_key for keys in self.keys if keys.serial_key is not None]
+        if len(set(serial)) > 1:
+            yield sql.lock_serial_keys(dialect_name, serial)
+        done: list[sql.Inserted] = []
+        for (queue, payload), keys in zip(self.rows, self.keys, strict=True):
+            inserted = yield from sql.insert_keyed(
+                dialect_name, queue, payload, keys, self.available, notify=notify
+            )
+            done.append(inserted)
+        return done
 
-    def put_sync(self, session: SyncTarget | None, connection: str | None) -> None:
-        if tracing.enabled():
-            with tracing.send_span(self.rows) as rows:
-                _run_sync(_Insert(rows, self.available).statement, session, connection)
-            return
-        _run_sync(self.statement, session, connection)
+
+@contextmanager
+def _sending(insert: _Insert) -> Iterator[_Insert]:
+    """``insert`` in a producer span, with the span's trace context in each payload, when
+    tracing is on; as it is otherwise."""
+    if not insert.rows or not tracing.enabled():
+        yield insert
+        return
+    with tracing.send_span(insert.rows) as rows:
+        yield replace(insert, rows=rows)
 
 
-def _insert(jobs: Iterable[Job], queue: str | None, delay: Delay | None) -> _Insert:
+def _insert(
+    jobs: Iterable[Job],
+    queue: str | None,
+    delay: Delay | None,
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> _Insert:
     """Validate and serialise everything up front: bad input raises before any I/O."""
     if queue is not None:
         validate_queue_name(queue)
     limit = max_payload_bytes()
     valid: set[str] = set() if queue is None else {queue}
     rows = []
+    keys: list[JobKeys] = []
+    keyed = False
     for job in jobs:
         payload = encode_payload(job, max_bytes=limit)
         name = queue or job.queue
         if not isinstance(name, str) or name not in valid:  # each distinct name once
             valid.add(validate_queue_name(name))
         rows.append((name, payload))
-    return _Insert(rows, _availability(delay))
+        found = job_keys(job, job_data, unique_key, serial_key)
+        keyed = keyed or found is not NO_KEYS
+        keys.append(found)
+    return _Insert(rows, _availability(delay), keys if keyed else None)
+
+
+async def _drive_async(conn: AsyncConnection, steps: Any) -> list[sql.Inserted]:
+    result: list[sql.Inserted] = await sql.run_steps(conn, steps)
+    return result
+
+
+def _drive_sync(conn: sa.Connection, steps: Any) -> Any:
+    """Run a keyed insert's statements on ``conn``."""
+    try:
+        statement = steps.send(None)
+        while True:
+            statement = steps.send(conn.execute(*statement))
+    except StopIteration as done:
+        return done.value
+
+
+async def _keyed_async(
+    insert: _Insert, session: AsyncTarget | None, connection: str | None
+) -> list[sql.Inserted]:
+    async def run(conn: AsyncConnection) -> list[sql.Inserted]:
+        return await _drive_async(conn, insert.steps(conn.dialect.name))
+
+    return await _with_async(run, session, connection)
+
+
+def _keyed_sync(
+    insert: _Insert, session: SyncTarget | None, connection: str | None
+) -> list[sql.Inserted]:
+    def run(conn: sa.Connection) -> list[sql.Inserted]:
+        result: list[sql.Inserted] = _drive_sync(conn, insert.steps(conn.dialect.name))
+        return result
+
+    return _with_sync(run, session, connection)
+
+
+def _one(done: list[sql.Inserted]) -> DispatchResult:
+    return DispatchResult(done[0].id, done[0].duplicate)
+
+
+def _bulk(done: list[sql.Inserted]) -> BulkResult:
+    return BulkResult(
+        tuple(i for i, row in enumerate(done) if not row.duplicate),
+        tuple(i for i, row in enumerate(done) if row.duplicate),
+        tuple(row.id for row in done),
+    )
 
 
 def _size(queue: str) -> Callable[[str], sql.Statement]:
@@ -143,6 +244,8 @@ def _check_connection(session: object, connection: str | None) -> str:
 async def _run_async(
     build: Callable[[str], sql.Statement], session: AsyncTarget | None, connection: str | None
 ) -> sa.Result[Any]:
+    if session is None and connection is None:
+        session = current_session()  # inside ``async with transaction(session):``
     name = _check_connection(session, connection)
     if session is None:
         async with connection_engine(name).begin() as conn:
@@ -151,6 +254,35 @@ async def _run_async(
         return await _execute_async(await session.connection(), build)
     if isinstance(session, AsyncConnection):
         return await _execute_async(session, build)
+    _refuse_async(session)
+    return None
+
+
+async def _with_async(
+    run: Callable[[AsyncConnection], Awaitable[_T]],
+    session: AsyncTarget | None,
+    connection: str | None,
+) -> _T:
+    if session is None and connection is None:
+        session = current_session()  # inside ``async with transaction(session):``
+    name = _check_connection(session, connection)
+    if session is None:
+        for attempt in range(1, _DEADLOCK_TRIES + 1):
+            try:
+                async with connection_engine(name).begin() as conn:
+                    return await run(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == _DEADLOCK_TRIES or not is_deadlock(exc):
+                    raise
+    if isinstance(session, AsyncSession):
+        return await run(await session.connection())
+    if isinstance(session, AsyncConnection):
+        return await run(session)
+    _refuse_async(session)
+    return None
+
+
+def _refuse_async(session: object) -> NoReturn:
     raise TypeError(
         f"session= takes an AsyncSession or AsyncConnection, got {type(session).__name__}"
         + ("; use the *_sync twin for it" if isinstance(session, Session | sa.Connection) else "")
@@ -175,6 +307,31 @@ def _run_sync(
         return _execute_sync(session.connection(), build)
     if isinstance(session, sa.Connection):
         return _execute_sync(session, build)
+    _refuse_sync(session)
+    return None
+
+
+def _with_sync(
+    run: Callable[[sa.Connection], _T], session: SyncTarget | None, connection: str | None
+) -> _T:
+    name = _check_connection(session, connection)
+    if session is None:
+        for attempt in range(1, _DEADLOCK_TRIES + 1):
+            try:
+                with connection_sync_engine(name).begin() as conn:
+                    return run(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == _DEADLOCK_TRIES or not is_deadlock(exc):
+                    raise
+    if isinstance(session, Session):
+        return run(session.connection())
+    if isinstance(session, sa.Connection):
+        return run(session)
+    _refuse_sync(session)
+    return None
+
+
+def _refuse_sync(session: object) -> NoReturn:
     raise TypeError(
         f"session= takes a Session or Connection, got {type(session).__name__}"
         + ("; await the async call for it" if isinstance(session, AsyncTarget) else "")
@@ -184,6 +341,26 @@ def _run_sync(
 def _execute_sync(conn: sa.Connection, build: Callable[[str], sql.Statement]) -> sa.Result[Any]:
     stmt, params = build(conn.dialect.name)
     return conn.execute(stmt, params)
+
+
+async def _push_async(
+    insert: _Insert, session: AsyncTarget | None, connection: str | None
+) -> DispatchResult | None:
+    with _sending(insert) as insert:
+        if insert.keys is not None:
+            return _one(await _keyed_async(insert, session, connection))
+        await _run_async(insert.statement, session, connection)
+    return None
+
+
+def _push_sync(
+    insert: _Insert, session: SyncTarget | None, connection: str | None
+) -> DispatchResult | None:
+    with _sending(insert) as insert:
+        if insert.keys is not None:
+            return _one(_keyed_sync(insert, session, connection))
+        _run_sync(insert.statement, session, connection)
+    return None
 
 
 class Queue:
@@ -196,9 +373,10 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
-        """Put ``job`` on ``queue`` (default: the job's own queue), due now."""
-        await _insert([job], queue, None).put(session, connection)
+    ) -> DispatchResult | None:
+        """Put ``job`` on ``queue`` (default: the job's own queue), due now. Returns None, or
+        for a job with a key, a :class:`DispatchResult`."""
+        return await _push_async(_insert([job], queue, None), session, connection)
 
     async def later(
         self,
@@ -208,9 +386,9 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """Put ``job`` on the queue, due after ``delay`` (seconds, timedelta or aware datetime)."""
-        await _insert([job], queue, delay).put(session, connection)
+        return await _push_async(_insert([job], queue, delay), session, connection)
 
     async def bulk(
         self,
@@ -220,11 +398,17 @@ class Queue:
         delay: Delay | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
-        """Put many jobs on the queue in one statement. All or none are inserted."""
-        insert = _insert(jobs, queue, delay)
-        if insert.rows:
-            await insert.put(session, connection)
+    ) -> BulkResult | None:
+        """Put many jobs on the queue in one statement. All or none are inserted.
+
+        When some of the jobs have unique or serial keys, they are inserted one by one (in
+        the same transaction), duplicates are skipped, and a :class:`BulkResult` says which."""
+        with _sending(_insert(jobs, queue, delay)) as insert:
+            if insert.keys is not None:
+                return _bulk(await _keyed_async(insert, session, connection))
+            if insert.rows:
+                await _run_async(insert.statement, session, connection)
+        return None
 
     async def size(
         self,
@@ -243,9 +427,9 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """:meth:`push` for a blocking ``Session`` / ``Connection``."""
-        _insert([job], queue, None).put_sync(session, connection)
+        return _push_sync(_insert([job], queue, None), session, connection)
 
     def later_sync(
         self,
@@ -255,9 +439,9 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """:meth:`later` for a blocking ``Session`` / ``Connection``."""
-        _insert([job], queue, delay).put_sync(session, connection)
+        return _push_sync(_insert([job], queue, delay), session, connection)
 
     def bulk_sync(
         self,
@@ -267,11 +451,14 @@ class Queue:
         delay: Delay | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> BulkResult | None:
         """:meth:`bulk` for a blocking ``Session`` / ``Connection``."""
-        insert = _insert(jobs, queue, delay)
-        if insert.rows:
-            insert.put_sync(session, connection)
+        with _sending(_insert(jobs, queue, delay)) as insert:
+            if insert.keys is not None:
+                return _bulk(_keyed_sync(insert, session, connection))
+            if insert.rows:
+                _run_sync(insert.statement, session, connection)
+        return None
 
     def size_sync(
         self,
@@ -293,13 +480,21 @@ async def dispatch(
     delay: Delay | None = None,
     session: AsyncTarget | None = None,
     connection: str | None = None,
-) -> None:
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> DispatchResult | None:
     """Put ``job`` on its own queue (``job.queue``), optionally after ``delay``.
 
     Pass ``session=`` to dispatch inside your transaction: the job then exists if and only if
     that transaction commits.
+
+    A job without keys returns None (its insert reads nothing back). One with a unique key
+    (its class's ``unique_by``, or ``unique_key=``) or a serial key (``serial_by``, or
+    ``serial_key=``) returns a :class:`DispatchResult`: its id, or, if an equal job holds
+    the unique key, that job's id with ``duplicate`` True (and nothing inserted).
     """
-    await _insert([job], None, delay).put(session, connection)
+    insert = _insert([job], None, delay, unique_key, serial_key)
+    return await _push_async(insert, session, connection)
 
 
 def dispatch_sync(
@@ -308,9 +503,11 @@ def dispatch_sync(
     delay: Delay | None = None,
     session: SyncTarget | None = None,
     connection: str | None = None,
-) -> None:
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> DispatchResult | None:
     """:func:`dispatch` for a blocking ``Session`` / ``Connection``."""
-    _insert([job], None, delay).put_sync(session, connection)
+    return _push_sync(_insert([job], None, delay, unique_key, serial_key), session, connection)
 
 
 async def insert_payloads(
@@ -324,4 +521,4 @@ async def insert_payloads(
     way :func:`dispatch` inserts jobs: for queue drivers that bring their own payload format."""
     checked = [(validate_queue_name(name), payload) for name, payload in rows]
     if checked:
-        await _Insert(checked, _availability(delay)).put(session, connection)
+        await _push_async(_Insert(checked, _availability(delay)), session, connection)

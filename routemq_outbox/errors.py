@@ -12,6 +12,7 @@ The tree::
     │   ├── NotAJob                 (also a TypeError)
     │   ├── UnserializableJob       (also a TypeError)
     │   ├── InvalidJobSetting       (also a ValueError)
+    │   ├── InvalidJobKey           (also a ValueError) a unique or serial key cannot be used
     │   └── PayloadTooLarge         (also a ValueError)
     ├── JobLoadError                a stored row could not be turned back into a job
     │   ├── MalformedPayload
@@ -41,6 +42,7 @@ __all__ = [
     "DispatchError",
     "FailJob",
     "InvalidDelay",
+    "InvalidJobKey",
     "InvalidJobSetting",
     "InvalidQueueName",
     "InvalidSchedule",
@@ -117,6 +119,11 @@ class InvalidJobSetting(DispatchError, ValueError):
     Settings configure the job's class: they never travel with the job as data, so a value
     set on one instance after it was built would not reach the worker.
     """
+
+
+class InvalidJobKey(DispatchError, ValueError):
+    """A unique or serial key cannot be used: empty, too long, or made of values that are not
+    strings or integers."""
 
 
 class PayloadTooLarge(DispatchError, ValueError):

@@ -226,7 +226,12 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
 
     async def delete(self, job_id: int | str, queue: str) -> None:
         job = self._held.pop(_job_id(job_id), None)
-        if job is not None:
+        if job is None:
+            return
+        if job.serial_key is not None:  # the next job of its key becomes due
+            held = [(job.id, job.token, job.serial_key)]
+            await self._with(lambda conn: sql.finish_serial(conn, held))
+        else:
             await self._with(lambda conn: sql.finish(conn, [(job.id, job.token)]))
 
     async def heartbeat(self, job_id: int | str, queue: str) -> bool:
@@ -259,7 +264,11 @@ class OutboxQueue(QueueDriver):  # type: ignore[misc,unused-ignore]
         record = sql.FailedRecord(
             str(uuid.uuid4()), connection, job.queue, payload, exception, job.attempts, job.id
         )
-        return bool(await self._with(lambda conn: sql.move_to_failed(conn, job.token, record)))
+        return bool(
+            await self._with(
+                lambda conn: sql.move_to_failed(conn, job.token, record, serial_key=job.serial_key)
+            )
+        )
 
     async def size(self, queue: str = "default") -> int:
         return await outbox_queue.size(queue, connection=self._connection)
