@@ -202,3 +202,16 @@ async def test_a_worker_process_continues_the_trace(
     assert by_name["inside in-process"]["context"]["trace_id"] == trace_id
     [send] = named(spans, "send default")
     assert by_name["process default"]["parent_id"] == f"0x{send.context.span_id:016x}"
+
+
+async def test_a_keyed_dispatch_carries_the_trace_too(
+    db_url: str, engine: AsyncEngine, spans: InMemorySpanExporter
+) -> None:
+    first = await dispatch(traced("k"), unique_key="order-1")
+    again = await dispatch(traced("k"), unique_key="order-1")
+    assert first is not None
+    assert again is not None
+    assert (again.id, again.duplicate) == (first.id, True)
+    [stored] = await payloads(engine)
+    [send, _] = named(spans, "send default")
+    assert stored["trace"]["traceparent"][3:35] == f"{send.context.trace_id:032x}"
