@@ -137,7 +137,9 @@ async def main() -> int:
         if name is not None:
             await on_server(server, f"DROP DATABASE {name}")
         else:
-            Path(sa.make_url(url).database or "").unlink(missing_ok=True)
+            path = sa.make_url(url).database or ""
+            for suffix in ("", "-wal", "-shm"):  # SQLite's write-ahead log files too
+                Path(path + suffix).unlink(missing_ok=True)
     print(f"{sa.make_url(url).get_backend_name()}: {count} jobs, best of {options.rounds} rounds")
     for mode in ("without_otel", "api_without_sdk", "sdk"):
         n = results[mode]

@@ -144,7 +144,9 @@ async def main() -> int:
         if name is not None:
             await on_server(server, f"DROP DATABASE {name}")
         else:
-            Path(sa.make_url(url).database or "").unlink(missing_ok=True)
+            path = sa.make_url(url).database or ""
+            for suffix in ("", "-wal", "-shm"):  # SQLite's write-ahead log files too
+                Path(path + suffix).unlink(missing_ok=True)
     results["database"] = sa.make_url(url).get_backend_name()
     for key, value in results.items():
         shown = f"{value:,.1f}" if isinstance(value, float) else value
