@@ -573,7 +573,7 @@ class Relay:
                 self._lost(client, str(exc))
                 stats.retried += 1
                 continue
-            if reason is not None and reason.is_failure():
+            if reason is not None and reason.is_failure:
                 stats.rejected += 1
                 raise BrokerRejected(
                     f"the broker refused the message to {job.topic[:200]!r}: "
