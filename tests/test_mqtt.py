@@ -431,7 +431,7 @@ def test_end_to_end_in_commit_order_through_a_broker_restart(
     try:
         worker = spawn(db_url, "-q", "mqtt", "--mqtt-url", broker.url, "--concurrency", "20")
         with ThreadPoolExecutor(1) as pool:
-            produced = pool.submit(run_producer, db_url, transactions=1100, keys=20, seed=1)
+            produced = pool.submit(run_producer, db_url, transactions=1111, keys=20, seed=1)
             wait_until(lambda: len(subscriber.received()) >= 300, 120, "messages flowing")
             broker.stop()
             time.sleep(1)
