@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ MAX_TOPIC_BYTES = 65535
 """MQTT writes a topic's length in two bytes."""
 
 _MAX_UINT32 = 2**32 - 1
+_LONGEST_KEY = 200  # of 255 for a serial key, which also holds the job's name
 _TEXT_PROPERTIES = ("content_type", "response_topic")
 PROPERTIES = frozenset(
     {
@@ -98,6 +100,8 @@ class MqttMessage(Job):
     backoff = "exponential"
     backoff_max = 300
     timeout = 7 * 24 * 3600
+    # One in flight per key, in commit order (the key defaults to the topic).
+    serial_by = ("key",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +112,7 @@ class MqttMessage(Job):
         self.retain = False
         self.properties: dict[str, Any] = {}
         self.message_id = ""
+        self.key = ""  # messages with the same key are published one at a time, in order
 
     @property
     def payload(self) -> bytes:
@@ -282,8 +287,16 @@ def message(
     job.retain = retain
     job.properties = stored
     job.message_id = str(uuid.uuid4())
-    job.__dict__["_key"] = key if key is not None else topic
+    job.key = _serial_key(key if key is not None else topic)
     return job
+
+
+def _serial_key(key: str) -> str:
+    """``key`` as stored for ordering: a long one by its SHA-256, so that any topic fits the
+    serial key column."""
+    if len(json.dumps(key, ensure_ascii=False)) > _LONGEST_KEY:
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
 
 
 # ---------------------------------------------------------------------------- storing
