@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
 import os
 import socket
 import ssl
+import struct
 import time
 import uuid
 import weakref
@@ -514,28 +516,89 @@ def _client_class() -> type[aiomqtt.Client]:
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise _Lost(paho.error_string(info.rc))
             if not info.is_published():
-                confirmation = asyncio.Event()
-                self._pending_publishes[info.mid] = confirmation
-                acked = asyncio.ensure_future(confirmation.wait())
+                acked = asyncio.get_running_loop().create_future()
+                # aiomqtt's _on_publish calls set() on what waits for a message id.
+                self._pending_publishes[info.mid] = _Ack(acked)  # type: ignore[assignment]
+                lost = functools.partial(_lose, acked)
+                self._disconnected.add_done_callback(lost)
                 try:
-                    await asyncio.wait(
-                        (acked, self._disconnected),
-                        timeout=ack_timeout,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    acked.cancel()
-                    self._pending_publishes.pop(info.mid, None)
-                if not confirmation.is_set():
-                    self._reasons.pop(info.mid, None)
+                    await asyncio.wait_for(acked, ack_timeout)
+                except TimeoutError:
                     raise _Lost(
-                        "the connection was lost before the broker acknowledged the message"
-                        if self._disconnected.done()
-                        else f"no acknowledgement from the broker within {ack_timeout:g} s"
-                    )
+                        f"no acknowledgement from the broker within {ack_timeout:g} s"
+                    ) from None
+                except _Lost:
+                    self._reasons.pop(info.mid, None)
+                    raise
+                finally:
+                    self._disconnected.remove_done_callback(lost)
+                    self._pending_publishes.pop(info.mid, None)
             return self._reasons.pop(info.mid, None)
 
     return Client
+
+
+class _Ack:
+    """Resolves a future where aiomqtt would set an event: no task per publish."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def set(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def _lose(acked: asyncio.Future[None], _: object) -> None:
+    if not acked.done():
+        acked.set_exception(
+            _Lost("the connection was lost before the broker acknowledged the message")
+        )
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def _variable_length(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _Packed:
+    """A message's MQTT 5 PUBLISH properties, encoded once: paho only calls ``pack()``, and
+    building its ``Properties`` object costs more than the rest of a publish."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, job: MqttMessage) -> None:
+        parts = [b"\x26" + _string(MESSAGE_ID_PROPERTY) + _string(job.message_id)]
+        for name, value in job.properties.items():
+            if name == "payload_format_indicator":
+                parts.append(bytes((0x01, value)))
+            elif name == "message_expiry_interval":
+                parts.append(b"\x02" + struct.pack("!L", value))
+            elif name == "content_type":
+                parts.append(b"\x03" + _string(value))
+            elif name == "response_topic":
+                parts.append(b"\x08" + _string(value))
+            elif name == "correlation_data":
+                data = base64.b64decode(value)
+                parts.append(b"\x09" + struct.pack("!H", len(data)) + data)
+            else:  # user_properties
+                parts.extend(b"\x26" + _string(k) + _string(v) for k, v in value)
+        body = b"".join(parts)
+        self.packed = _variable_length(len(body)) + body
+
+    def pack(self) -> bytes:
+        return self.packed
 
 
 class _BrokerBackoff(Backoff):
@@ -562,19 +625,7 @@ class Relay:
         self._closing: set[asyncio.Future[None]] = set()
 
     async def publish(self, job: MqttMessage) -> None:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        user = [(MESSAGE_ID_PROPERTY, job.message_id)]
-        for name, value in job.properties.items():
-            if name == "user_properties":
-                user.extend((k, v) for k, v in value)
-            elif name == "correlation_data":
-                properties.CorrelationData = base64.b64decode(value)
-            else:
-                setattr(properties, _PAHO_NAMES[name], value)
-        properties.UserProperty = user
+        properties = _Packed(job)
         payload = job.payload
         while True:
             client = await self._connection()
@@ -674,13 +725,6 @@ async def _quietly_close(client: Any) -> None:
     except Exception as exc:
         log.debug("closing the MQTT connection: %s", exc)
 
-
-_PAHO_NAMES = {
-    "content_type": "ContentType",
-    "response_topic": "ResponseTopic",
-    "message_expiry_interval": "MessageExpiryInterval",
-    "payload_format_indicator": "PayloadFormatIndicator",
-}
 
 _relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Relay] = weakref.WeakKeyDictionary()
 
