@@ -42,6 +42,8 @@ class Mosquitto:
             "allow_anonymous true",
             "user root",  # started as root (CI): keep it, to write in the temporary directory
             "persistence true",
+            # Mosquitto drops QoS 1 messages past 1,000 queued for a slow subscriber.
+            "max_queued_messages 0",
             f"persistence_location {directory}/",
             f"log_dest file {directory}/mosquitto.log",
         ]
