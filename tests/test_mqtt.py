@@ -497,3 +497,27 @@ def test_chaos_broker_restarted_twice_and_a_relay_killed(
     assert duplicates <= 3 * 2 * 20, duplicates
     print(f"duplicates: {duplicates} of {len(committed)}")
     second.kill()
+
+
+def test_one_broker_connection_per_worker_process(
+    sqlite_url: str, spawn: Any, broker: Mosquitto
+) -> None:
+    broker.start()
+    subscriber = Subscriber(broker.port, "shared/#")
+    try:
+        engine = create_sync_engine(sqlite_url)
+        try:
+            with engine.begin() as conn:
+                mqtt.bulk_sync(
+                    [mqtt.message(f"shared/{n}", str(n)) for n in range(100)], session=conn
+                )
+        finally:
+            engine.dispose()
+        spawn(sqlite_url, "-q", "mqtt", "--mqtt-url", broker.url, "--concurrency", "50")
+        wait_until(lambda: count(sqlite_url, "jobs") == 0, 60, "the messages relayed")
+        wait_until(lambda: len(first_seen(subscriber.received())) == 100, 10, "every message")
+    finally:
+        subscriber.close()
+    log = (broker.directory / "mosquitto.log").read_text()
+    assert log.count("New client connected") == 2, log  # the subscriber and the relay
+    assert log.count(" as routemq-outbox-") == 1, log
