@@ -521,3 +521,16 @@ def test_one_broker_connection_per_worker_process(
     log = (broker.directory / "mosquitto.log").read_text()
     assert log.count("New client connected") == 2, log  # the subscriber and the relay
     assert log.count(" as routemq-outbox-") == 1, log
+
+
+def test_stopping_during_an_outage_hands_messages_back_unspent(
+    sqlite_url: str, spawn: Any, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", sqlite_url)
+    mqtt.publish_sync("waiting/1", "x")
+    worker = spawn(sqlite_url, "-q", "mqtt", "--mqtt-url", broker.url, "--grace", "1")
+    wait_until(lambda: "unreachable" in worker.log(), 30, "the outage logged")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    assert count(sqlite_url, "jobs", "WHERE attempts = 0 AND reserved_at IS NULL") == 1
+    assert count(sqlite_url, "failed_jobs") == 0
