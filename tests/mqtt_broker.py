@@ -30,13 +30,31 @@ def _answers(port: int) -> bool:
         return False
 
 
+def make_certificates(directory: Path) -> Path:
+    """A CA of the test's own and a certificate it signed for 127.0.0.1; returns the CA's."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
+            "-out", "server.pem")  # fmt: skip
+    return directory / "ca.pem"
+
+
 class Mosquitto:
     """A private ``mosquitto`` on a free port, from a config in ``directory``. Persistence is
     on, so that a subscriber's session (and the messages queued for it) survive a restart."""
 
-    def __init__(self, directory: Path, *, acl: str | None = None) -> None:
+    def __init__(self, directory: Path, *, acl: str | None = None, tls: bool = False) -> None:
         self.directory = directory
         self.port = free_port()
+        self.tls = tls
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
@@ -51,13 +69,20 @@ class Mosquitto:
             acl_file = directory / "acl"
             acl_file.write_text(acl)
             lines.append(f"acl_file {acl_file}")
+        if tls:
+            self.ca_file = make_certificates(directory)
+            lines += [
+                f"cafile {self.ca_file}",
+                f"certfile {directory / 'server.pem'}",
+                f"keyfile {directory / 'server.key'}",
+            ]
         self.config = directory / "mosquitto.conf"
         self.config.write_text("\n".join(lines) + "\n")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)])

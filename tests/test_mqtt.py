@@ -534,3 +534,29 @@ def test_stopping_during_an_outage_hands_messages_back_unspent(
     assert worker.wait(30) == 0, worker.log()
     assert count(sqlite_url, "jobs", "WHERE attempts = 0 AND reserved_at IS NULL") == 1
     assert count(sqlite_url, "failed_jobs") == 0
+
+
+def test_tls_with_a_ca_file_and_not_without(
+    sqlite_url: str, spawn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", sqlite_url)
+    secure = Mosquitto(tmp_path, tls=True)
+    secure.start()
+    try:
+        mqtt.publish_sync("secure/1", "x")
+        # The system's CAs do not know the test's own: the certificate is refused.
+        untrusting = spawn(sqlite_url, "-q", "mqtt", "--mqtt-url", secure.url, "--grace", "0")
+        wait_until(lambda: "unreachable" in untrusting.log(), 30, "the refusal logged")
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusting.log()
+        untrusting.signal(signal.SIGTERM)  # hands the message back
+        assert untrusting.wait(30) == 0, untrusting.log()
+        assert count(sqlite_url, "failed_jobs") == 0
+        trusting = spawn(
+            sqlite_url, "-q", "mqtt", "--mqtt-url", secure.url, "--mqtt-ca-file",
+            str(secure.ca_file), "--stop-when-empty",
+        )  # fmt: skip
+        assert trusting.wait(60) == 0, trusting.log()
+        assert count(sqlite_url, "jobs") == 0
+        assert "connected to MQTT broker mqtts://127.0.0.1" in trusting.log()
+    finally:
+        secure.stop()
