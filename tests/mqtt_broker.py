@@ -51,13 +51,20 @@ class Mosquitto:
     """A private ``mosquitto`` on a free port, from a config in ``directory``. Persistence is
     on, so that a subscriber's session (and the messages queued for it) survive a restart."""
 
-    def __init__(self, directory: Path, *, acl: str | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        acl: str | None = None,
+        tls: bool = False,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.tls = tls
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             "user root",  # started as root (CI): keep it, to write in the temporary directory
             "persistence true",
             # Mosquitto drops QoS 1 messages past 1,000 queued for a slow subscriber.
@@ -69,6 +76,16 @@ class Mosquitto:
             acl_file = directory / "acl"
             acl_file.write_text(acl)
             lines.append(f"acl_file {acl_file}")
+        if users:
+            passwords = directory / "passwords"
+            passwords.touch()
+            for user, password in users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(passwords), user, password],
+                    check=True,
+                    capture_output=True,
+                )
+            lines.append(f"password_file {passwords}")
         if tls:
             self.ca_file = make_certificates(directory)
             lines += [

@@ -560,3 +560,29 @@ def test_tls_with_a_ca_file_and_not_without(
         assert "connected to MQTT broker mqtts://127.0.0.1" in trusting.log()
     finally:
         secure.stop()
+
+
+def test_credentials_from_the_url_and_never_printed(
+    sqlite_url: str, spawn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTEMQ_OUTBOX_DATABASE_URL", sqlite_url)
+    guarded = Mosquitto(tmp_path, users={"relay": "s3cr@t"})
+    guarded.start()
+    try:
+        mqtt.publish_sync("guarded/1", "x")
+        wrong = f"mqtt://relay:wrong-pass@127.0.0.1:{guarded.port}"
+        refused = spawn(sqlite_url, "-q", "mqtt", "--mqtt-url", wrong, "--grace", "0")
+        wait_until(lambda: "unreachable" in refused.log(), 30, "the refusal logged")
+        time.sleep(2)  # more refused attempts: still one line
+        refused.signal(signal.SIGTERM)
+        assert refused.wait(30) == 0, refused.log()
+        assert refused.log().count("unreachable") == 1, refused.log()
+        assert "wrong-pass" not in refused.log()
+        right = f"mqtt://relay:s3cr%40t@127.0.0.1:{guarded.port}"  # '@' escaped in the URL
+        accepted = spawn(sqlite_url, "-q", "mqtt", "--mqtt-url", right, "--stop-when-empty", "-v")
+        assert accepted.wait(60) == 0, accepted.log()
+        assert count(sqlite_url, "jobs") == 0
+        assert "s3cr" not in accepted.log()
+        assert "relay:***@127.0.0.1" in accepted.log()
+    finally:
+        guarded.stop()
