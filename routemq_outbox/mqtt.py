@@ -268,6 +268,8 @@ def message(
         raise InvalidMessage(f"MQTT retain must be True or False, got {retain!r:.80}")
     if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
         raise InvalidMessage(f"MQTT key must be a non-empty string without NUL, got {key!r:.80}")
+    if key is not None and not key.isascii() and _unencodable(key):
+        raise InvalidMessage(f"MQTT key {key!r:.80} contains a lone surrogate")
     stored = _check_properties(properties)
     data, is_json = _encode_payload(payload)
     limit = max_payload_bytes()
@@ -291,6 +293,14 @@ def message(
     job.message_id = str(uuid.uuid4())
     job.key = _serial_key(key if key is not None else topic)
     return job
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _serial_key(key: str) -> str:

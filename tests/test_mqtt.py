@@ -116,6 +116,7 @@ def test_longest_topic_is_accepted() -> None:
         ({"qos": True}, "qos must be 0, 1 or 2"),
         ({"retain": 1}, "retain must be True or False"),
         ({"key": ""}, "key must be a non-empty string"),
+        ({"key": "a\ud800"}, "key 'a\\\\ud800' contains a lone surrogate"),
         ({"properties": {"colour": "red"}}, "unknown MQTT property 'colour'"),
         ({"properties": {"message_expiry_interval": -1}}, "message_expiry_interval"),
         ({"properties": {"user_properties": {"a": 1}}}, "pair of strings"),
