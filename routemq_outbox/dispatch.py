@@ -11,10 +11,10 @@ input raises before anything is sent, and builds its statement with :mod:`routem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -24,9 +24,28 @@ from . import sql
 from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
 from .errors import MAX_DELAY_SECONDS, InvalidDelay
-from .job import Job, encode_payload, validate_queue_name
+from .faults import is_deadlock
+from .job import Job, encode_payload, job_data, validate_queue_name
+from .keys import NO_KEYS, JobKeys, job_keys
 
-__all__ = ["AsyncTarget", "Delay", "Queue", "SyncTarget", "dispatch", "dispatch_sync", "queue"]
+__all__ = [
+    "AsyncTarget",
+    "BulkResult",
+    "Delay",
+    "DispatchResult",
+    "Queue",
+    "SyncTarget",
+    "dispatch",
+    "dispatch_sync",
+    "queue",
+]
+
+_T = TypeVar("_T")
+
+# A keyed dispatch in a transaction of its own runs it again when InnoDB picks it as a
+# deadlock's victim, which happens to one of several transactions waiting for the same key
+# when the one holding it rolls back. In the caller's transaction the caller must retry.
+_DEADLOCK_TRIES = 3
 
 Delay = float | int | timedelta | datetime
 """Seconds from now, a timedelta, or a timezone-aware datetime."""
@@ -76,30 +95,124 @@ def _availability(delay: Delay | None) -> sql.Availability:
     return float(seconds) or None
 
 
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """What a dispatch of a job with a unique or serial key did: ``id`` is the new job's, or,
+    when ``duplicate``, that of the job that holds the unique key (which may have finished
+    already, for a key held for a period by ``unique_for``)."""
+
+    id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What ``queue.bulk`` did with jobs among which some have keys: the positions (0-based,
+    in the order given) of the jobs inserted and of the duplicates skipped, and for each
+    position the id of its job or of the job holding its key."""
+
+    inserted: tuple[int, ...]
+    duplicates: tuple[int, ...]
+    ids: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class _Insert:
     rows: list[tuple[str, str]]
     available: sql.Availability
+    keys: list[JobKeys] | None = None  # None: no job has a key
 
     def statement(self, dialect_name: str) -> sql.Statement:
         notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
         return sql.insert_jobs(dialect_name, self.rows, self.available, notify=notify)
 
+    def steps(self, dialect_name: str) -> Any:
+        """The keyed insert: a generator of statements, returning one Inserted per row."""
+        assert self.keys is not None
+        notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
+        serial = [keys.serial_key for keys in self.keys if keys.serial_key is not None]
+        if len(set(serial)) > 1:
+            yield sql.lock_serial_keys(dialect_name, serial)
+        done: list[sql.Inserted] = []
+        for (queue, payload), keys in zip(self.rows, self.keys, strict=True):
+            inserted = yield from sql.insert_keyed(
+                dialect_name, queue, payload, keys, self.available, notify=notify
+            )
+            done.append(inserted)
+        return done
 
-def _insert(jobs: Iterable[Job], queue: str | None, delay: Delay | None) -> _Insert:
+
+def _insert(
+    jobs: Iterable[Job],
+    queue: str | None,
+    delay: Delay | None,
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> _Insert:
     """Validate and serialise everything up front: bad input raises before any I/O."""
     if queue is not None:
         validate_queue_name(queue)
     limit = max_payload_bytes()
     valid: set[str] = set() if queue is None else {queue}
     rows = []
+    keys: list[JobKeys] = []
+    keyed = False
     for job in jobs:
         payload = encode_payload(job, max_bytes=limit)
         name = queue or job.queue
         if not isinstance(name, str) or name not in valid:  # each distinct name once
             valid.add(validate_queue_name(name))
         rows.append((name, payload))
-    return _Insert(rows, _availability(delay))
+        found = job_keys(job, job_data, unique_key, serial_key)
+        keyed = keyed or found is not NO_KEYS
+        keys.append(found)
+    return _Insert(rows, _availability(delay), keys if keyed else None)
+
+
+async def _drive_async(conn: AsyncConnection, steps: Any) -> list[sql.Inserted]:
+    result: list[sql.Inserted] = await sql.run_steps(conn, steps)
+    return result
+
+
+def _drive_sync(conn: sa.Connection, steps: Any) -> Any:
+    """Run a keyed insert's statements on ``conn``."""
+    try:
+        statement = steps.send(None)
+        while True:
+            statement = steps.send(conn.execute(*statement))
+    except StopIteration as done:
+        return done.value
+
+
+async def _keyed_async(
+    insert: _Insert, session: AsyncTarget | None, connection: str | None
+) -> list[sql.Inserted]:
+    async def run(conn: AsyncConnection) -> list[sql.Inserted]:
+        return await _drive_async(conn, insert.steps(conn.dialect.name))
+
+    return await _with_async(run, session, connection)
+
+
+def _keyed_sync(
+    insert: _Insert, session: SyncTarget | None, connection: str | None
+) -> list[sql.Inserted]:
+    def run(conn: sa.Connection) -> list[sql.Inserted]:
+        result: list[sql.Inserted] = _drive_sync(conn, insert.steps(conn.dialect.name))
+        return result
+
+    return _with_sync(run, session, connection)
+
+
+def _one(done: list[sql.Inserted]) -> DispatchResult:
+    return DispatchResult(done[0].id, done[0].duplicate)
+
+
+def _bulk(done: list[sql.Inserted]) -> BulkResult:
+    return BulkResult(
+        tuple(i for i, row in enumerate(done) if not row.duplicate),
+        tuple(i for i, row in enumerate(done) if row.duplicate),
+        tuple(row.id for row in done),
+    )
 
 
 def _size(queue: str) -> Callable[[str], sql.Statement]:
@@ -124,6 +237,33 @@ async def _run_async(
         return await _execute_async(await session.connection(), build)
     if isinstance(session, AsyncConnection):
         return await _execute_async(session, build)
+    _refuse_async(session)
+    return None
+
+
+async def _with_async(
+    run: Callable[[AsyncConnection], Awaitable[_T]],
+    session: AsyncTarget | None,
+    connection: str | None,
+) -> _T:
+    name = _check_connection(session, connection)
+    if session is None:
+        for attempt in range(1, _DEADLOCK_TRIES + 1):
+            try:
+                async with connection_engine(name).begin() as conn:
+                    return await run(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == _DEADLOCK_TRIES or not is_deadlock(exc):
+                    raise
+    if isinstance(session, AsyncSession):
+        return await run(await session.connection())
+    if isinstance(session, AsyncConnection):
+        return await run(session)
+    _refuse_async(session)
+    return None
+
+
+def _refuse_async(session: object) -> NoReturn:
     raise TypeError(
         f"session= takes an AsyncSession or AsyncConnection, got {type(session).__name__}"
         + ("; use the *_sync twin for it" if isinstance(session, Session | sa.Connection) else "")
@@ -148,6 +288,31 @@ def _run_sync(
         return _execute_sync(session.connection(), build)
     if isinstance(session, sa.Connection):
         return _execute_sync(session, build)
+    _refuse_sync(session)
+    return None
+
+
+def _with_sync(
+    run: Callable[[sa.Connection], _T], session: SyncTarget | None, connection: str | None
+) -> _T:
+    name = _check_connection(session, connection)
+    if session is None:
+        for attempt in range(1, _DEADLOCK_TRIES + 1):
+            try:
+                with connection_sync_engine(name).begin() as conn:
+                    return run(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == _DEADLOCK_TRIES or not is_deadlock(exc):
+                    raise
+    if isinstance(session, Session):
+        return run(session.connection())
+    if isinstance(session, sa.Connection):
+        return run(session)
+    _refuse_sync(session)
+    return None
+
+
+def _refuse_sync(session: object) -> NoReturn:
     raise TypeError(
         f"session= takes a Session or Connection, got {type(session).__name__}"
         + ("; await the async call for it" if isinstance(session, AsyncTarget) else "")
@@ -157,6 +322,24 @@ def _run_sync(
 def _execute_sync(conn: sa.Connection, build: Callable[[str], sql.Statement]) -> sa.Result[Any]:
     stmt, params = build(conn.dialect.name)
     return conn.execute(stmt, params)
+
+
+async def _push_async(
+    insert: _Insert, session: AsyncTarget | None, connection: str | None
+) -> DispatchResult | None:
+    if insert.keys is not None:
+        return _one(await _keyed_async(insert, session, connection))
+    await _run_async(insert.statement, session, connection)
+    return None
+
+
+def _push_sync(
+    insert: _Insert, session: SyncTarget | None, connection: str | None
+) -> DispatchResult | None:
+    if insert.keys is not None:
+        return _one(_keyed_sync(insert, session, connection))
+    _run_sync(insert.statement, session, connection)
+    return None
 
 
 class Queue:
@@ -169,9 +352,10 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
-        """Put ``job`` on ``queue`` (default: the job's own queue), due now."""
-        await _run_async(_insert([job], queue, None).statement, session, connection)
+    ) -> DispatchResult | None:
+        """Put ``job`` on ``queue`` (default: the job's own queue), due now. Returns None, or
+        for a job with a key, a :class:`DispatchResult`."""
+        return await _push_async(_insert([job], queue, None), session, connection)
 
     async def later(
         self,
@@ -181,9 +365,9 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """Put ``job`` on the queue, due after ``delay`` (seconds, timedelta or aware datetime)."""
-        await _run_async(_insert([job], queue, delay).statement, session, connection)
+        return await _push_async(_insert([job], queue, delay), session, connection)
 
     async def bulk(
         self,
@@ -193,11 +377,17 @@ class Queue:
         delay: Delay | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
-        """Put many jobs on the queue in one statement. All or none are inserted."""
+    ) -> BulkResult | None:
+        """Put many jobs on the queue in one statement. All or none are inserted.
+
+        When some of the jobs have unique or serial keys, they are inserted one by one (in
+        the same transaction), duplicates are skipped, and a :class:`BulkResult` says which."""
         insert = _insert(jobs, queue, delay)
+        if insert.keys is not None:
+            return _bulk(await _keyed_async(insert, session, connection))
         if insert.rows:
             await _run_async(insert.statement, session, connection)
+        return None
 
     async def size(
         self,
@@ -216,9 +406,9 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """:meth:`push` for a blocking ``Session`` / ``Connection``."""
-        _run_sync(_insert([job], queue, None).statement, session, connection)
+        return _push_sync(_insert([job], queue, None), session, connection)
 
     def later_sync(
         self,
@@ -228,9 +418,9 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> DispatchResult | None:
         """:meth:`later` for a blocking ``Session`` / ``Connection``."""
-        _run_sync(_insert([job], queue, delay).statement, session, connection)
+        return _push_sync(_insert([job], queue, delay), session, connection)
 
     def bulk_sync(
         self,
@@ -240,11 +430,14 @@ class Queue:
         delay: Delay | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
-    ) -> None:
+    ) -> BulkResult | None:
         """:meth:`bulk` for a blocking ``Session`` / ``Connection``."""
         insert = _insert(jobs, queue, delay)
+        if insert.keys is not None:
+            return _bulk(_keyed_sync(insert, session, connection))
         if insert.rows:
             _run_sync(insert.statement, session, connection)
+        return None
 
     def size_sync(
         self,
@@ -266,13 +459,21 @@ async def dispatch(
     delay: Delay | None = None,
     session: AsyncTarget | None = None,
     connection: str | None = None,
-) -> None:
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> DispatchResult | None:
     """Put ``job`` on its own queue (``job.queue``), optionally after ``delay``.
 
     Pass ``session=`` to dispatch inside your transaction: the job then exists if and only if
     that transaction commits.
+
+    A job without keys returns None (its insert reads nothing back). One with a unique key
+    (its class's ``unique_by``, or ``unique_key=``) or a serial key (``serial_by``, or
+    ``serial_key=``) returns a :class:`DispatchResult`: its id, or, if an equal job holds
+    the unique key, that job's id with ``duplicate`` True (and nothing inserted).
     """
-    await _run_async(_insert([job], None, delay).statement, session, connection)
+    insert = _insert([job], None, delay, unique_key, serial_key)
+    return await _push_async(insert, session, connection)
 
 
 def dispatch_sync(
@@ -281,6 +482,8 @@ def dispatch_sync(
     delay: Delay | None = None,
     session: SyncTarget | None = None,
     connection: str | None = None,
-) -> None:
+    unique_key: str | None = None,
+    serial_key: str | None = None,
+) -> DispatchResult | None:
     """:func:`dispatch` for a blocking ``Session`` / ``Connection``."""
-    _run_sync(_insert([job], None, delay).statement, session, connection)
+    return _push_sync(_insert([job], None, delay, unique_key, serial_key), session, connection)

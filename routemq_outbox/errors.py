@@ -12,6 +12,7 @@ The tree::
     │   ├── NotAJob                 (also a TypeError)
     │   ├── UnserializableJob       (also a TypeError)
     │   ├── InvalidJobSetting       (also a ValueError)
+    │   ├── InvalidJobKey           (also a ValueError) a unique or serial key cannot be used
     │   ├── PayloadTooLarge         (also a ValueError)
     │   └── InvalidMessage          (also a ValueError) an MQTT message's topic, QoS, ... is bad
     ├── JobLoadError                a stored row could not be turned back into a job
@@ -44,6 +45,7 @@ __all__ = [
     "DispatchError",
     "FailJob",
     "InvalidDelay",
+    "InvalidJobKey",
     "InvalidJobSetting",
     "InvalidMessage",
     "InvalidQueueName",
@@ -121,6 +123,11 @@ class InvalidJobSetting(DispatchError, ValueError):
     Settings configure the job's class: they never travel with the job as data, so a value
     set on one instance after it was built would not reach the worker.
     """
+
+
+class InvalidJobKey(DispatchError, ValueError):
+    """A unique or serial key cannot be used: empty, too long, or made of values that are not
+    strings or integers."""
 
 
 class PayloadTooLarge(DispatchError, ValueError):

@@ -15,7 +15,7 @@ import sqlite3
 import asyncpg
 import sqlalchemy.exc
 
-__all__ = ["TRANSIENT", "Backoff", "is_transient", "missing_schema"]
+__all__ = ["TRANSIENT", "Backoff", "is_deadlock", "is_transient", "missing_schema"]
 
 TRANSIENT = (
     sqlalchemy.exc.DBAPIError,
@@ -74,6 +74,12 @@ def _mysql_code(exc: BaseException) -> int | None:
             if args and isinstance(args[0], int):
                 return args[0]
     return None
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether the database chose ``exc``'s transaction as a deadlock's victim and rolled it
+    back: running the same transaction again is the remedy."""
+    return _mysql_code(exc) == 1213 or _sqlstate(exc) == "40P01"
 
 
 def missing_schema(exc: BaseException) -> str | None:

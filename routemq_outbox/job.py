@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, NamedTuple
 
@@ -36,6 +36,7 @@ from .errors import (
     UnknownJob,
     UnserializableJob,
 )
+from .keys import KEY_SETTINGS, check_key_settings
 from .schedules import Schedule
 from .schema import QUEUE_NAME_MAX, SCHEDULE_NAME_MAX
 
@@ -49,6 +50,7 @@ __all__ = [
     "decode_payload",
     "encode_payload",
     "instantiate",
+    "job_data",
     "registered_jobs",
     "scheduled_jobs",
     "validate_queue_name",
@@ -66,6 +68,7 @@ SETTINGS = frozenset(
         "backoff_max",
         "job_name",
         "schedule",
+        *KEY_SETTINGS,
     }
 )
 """The attributes that configure a job. They are never stored as data: ``queue`` has its own
@@ -180,6 +183,10 @@ class Job:
     backoff: str = "fixed"
     backoff_max: float = 3600
     schedule: ClassVar[Schedule | None] = None
+    unique_by: ClassVar[tuple[str, ...] | None] = None
+    unique_while: ClassVar[str] = "queued"
+    unique_for: ClassVar[float | timedelta | None] = None
+    serial_by: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -244,6 +251,7 @@ class Job:
 
 def _check_class_attributes(cls: type[Job]) -> None:
     validate_queue_name(cls.queue)
+    check_key_settings(cls)
     name = cls.job_name
     if "\x00" in name or _lone_surrogate(name) is not None:
         raise JobDefinitionError(f"{cls.__qualname__}.job_name {name!r} cannot be stored")
@@ -344,6 +352,10 @@ _encode = _payload_encoder()
 
 def _data(job: Job) -> dict[str, Any]:
     return {k: v for k, v in vars(job).items() if not k.startswith("_") and k not in SETTINGS}
+
+
+job_data = _data
+"""The data attributes of a job: what its payload stores."""
 
 
 def _lone_surrogate(text: str) -> str | None:

@@ -38,7 +38,8 @@ from .config import max_payload_bytes
 from .errors import UnknownSchedule
 from .errors import brief as _brief
 from .faults import Backoff
-from .job import Job, encode_payload, scheduled_jobs
+from .job import Job, encode_payload, job_data, scheduled_jobs
+from .keys import job_keys
 from .schedules import Schedule
 
 __all__ = [
@@ -165,7 +166,9 @@ class Scheduler:
 
     async def _enqueue(self, conn: AsyncConnection, entry: _Entry, slot: datetime) -> None:
         try:
-            payload = encode_payload(entry.cls(), max_bytes=max_payload_bytes(), scheduled_at=slot)
+            job = entry.cls()
+            payload = encode_payload(job, max_bytes=max_payload_bytes(), scheduled_at=slot)
+            keys = job_keys(job, job_data)
         except Exception as exc:
             log.error(
                 "periodic job %s: the slot %s cannot be enqueued: %s",
@@ -182,6 +185,7 @@ class Scheduler:
             queue=entry.cls.queue,
             payload=payload,
             notify=self._notify,
+            keys=keys,
         )
         if taken:
             log.debug("enqueued %s for %s", entry.name, slot.isoformat())
@@ -232,8 +236,7 @@ async def run_now(engine: AsyncEngine, name: str, *, notify: bool) -> datetime:
         raise UnknownSchedule(f"no periodic job is named {name!r} (periodic jobs: {known})")
     async with engine.connect() as conn, conn.begin():
         now = await sql.database_now(conn)
-        payload = encode_payload(cls(), max_bytes=max_payload_bytes(), scheduled_at=now)
-        await conn.execute(
-            *sql.insert_jobs(conn.dialect.name, [(cls.queue, payload)], None, notify=notify)
-        )
+        job = cls()
+        payload = encode_payload(job, max_bytes=max_payload_bytes(), scheduled_at=now)
+        await sql.insert_one(conn, cls.queue, payload, job_keys(job, job_data), notify=notify)
     return now

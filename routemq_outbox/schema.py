@@ -23,7 +23,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 __all__ = [
+    "KEY_MAX",
     "MYSQL_DIALECTS",
+    "PARKED_AT",
     "QUEUE_NAME_MAX",
     "SCHEDULE_NAME_MAX",
     "Payload",
@@ -36,12 +38,23 @@ __all__ = [
     "metadata",
     "schedule_slots",
     "seconds_since",
+    "serial_keys",
     "statement_now",
     "statement_now_plus",
+    "unique_windows",
 ]
 
 QUEUE_NAME_MAX = 255
 SCHEDULE_NAME_MAX = 255
+KEY_MAX = 255
+"""The longest unique or serial key, in characters."""
+# A stored unique key is the key behind a two-character mode prefix (see :mod:`.sql`).
+_STORED_KEY_MAX = KEY_MAX + 2
+
+PARKED_AT = datetime(9000, 1, 1, tzinfo=UTC)
+"""The ``available_at`` of a serial job waiting behind the head of its key: later than any due
+time a job may be given, so the claim never reaches it. Its real due time waits in
+``serial_due_at`` until the job becomes the head."""
 
 # SQLAlchemy calls MySQL's dialect "mysql" and, for ``mariadb://`` URLs, "mariadb".
 MYSQL_DIALECTS = ("mysql", "mariadb")
@@ -288,6 +301,9 @@ jobs = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False, server_default=db_now()),
     sa.Column("token", sa.BigInteger(), nullable=True),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("unique_key", sa.String(_STORED_KEY_MAX), nullable=True),
+    sa.Column("serial_key", sa.String(KEY_MAX), nullable=True),
+    sa.Column("serial_due_at", UTCDateTime(), nullable=True),
     sa.CheckConstraint("queue <> ''", name="queue_not_empty"),
     sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     sa.CheckConstraint(
@@ -328,6 +344,30 @@ sa.Index(
     sqlite_where=jobs.c.reserved_at.isnot(None),
 )
 
+# A unique key is held by at most one row. MySQL and MariaDB have no partial indexes, but
+# their unique indexes let any number of NULLs through, which is all the partial one is for.
+sa.Index(
+    "ix_jobs_unique_key",
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=jobs.c.unique_key.isnot(None),
+    sqlite_where=jobs.c.unique_key.isnot(None),
+).ddl_if(callable_=_only_on("postgresql", "sqlite"))
+sa.Index("ix_jobs_unique_key_mysql", jobs.c.unique_key, unique=True).ddl_if(
+    callable_=_only_on(*MYSQL_DIALECTS)
+)
+# The jobs of a serial key in dispatch order: the head is the first.
+sa.Index(
+    "ix_jobs_serial_key",
+    jobs.c.serial_key,
+    jobs.c.id,
+    postgresql_where=jobs.c.serial_key.isnot(None),
+    sqlite_where=jobs.c.serial_key.isnot(None),
+).ddl_if(callable_=_only_on("postgresql", "sqlite"))
+sa.Index("ix_jobs_serial_key_mysql", jobs.c.serial_key, jobs.c.id).ddl_if(
+    callable_=_only_on(*MYSQL_DIALECTS)
+)
+
 failed_jobs = sa.Table(
     "failed_jobs",
     metadata,
@@ -362,6 +402,29 @@ schedule_slots = sa.Table(
     **_MYSQL_TABLE,
 )
 sa.Index("ix_schedule_slots_created_at", schedule_slots.c.created_at)
+
+
+# A unique key with a period (``unique_for``) stays taken here until ``expires_at``, whether its
+# job is still in ``jobs`` or long gone; workers delete expired rows now and then.
+unique_windows = sa.Table(
+    "unique_windows",
+    metadata,
+    sa.Column("unique_key", sa.String(_STORED_KEY_MAX), primary_key=True),
+    sa.Column("job_id", sa.BigInteger(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    **_MYSQL_TABLE,
+)
+sa.Index("ix_unique_windows_expires_at", unique_windows.c.expires_at)
+
+# One row per serial key in use: the lock that producers of a key, and the worker promoting its
+# next job, take in turn, so that ids are in commit order and no promotion misses a job. The row
+# holds no state (deleting it loses nothing), and workers delete those of keys without jobs.
+serial_keys = sa.Table(
+    "serial_keys",
+    metadata,
+    sa.Column("serial_key", sa.String(KEY_MAX), primary_key=True),
+    **_MYSQL_TABLE,
+)
 
 
 def include_object(dialect_name: str) -> Callable[..., bool]:

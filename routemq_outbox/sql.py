@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from .keys import NO_KEYS, UNIQUE_QUEUED, JobKeys
 from .schema import (
+    PARKED_AT,
     Payload,
     UTCDateTime,
     db_now,
@@ -44,8 +46,10 @@ from .schema import (
     jobs,
     schedule_slots,
     seconds_since,
+    serial_keys,
     statement_now,
     statement_now_plus,
+    unique_windows,
 )
 
 __all__ = [
@@ -53,6 +57,9 @@ __all__ = [
     "Claimed",
     "FailedRecord",
     "FailedRow",
+    "Housekept",
+    "Inserted",
+    "KeyedSteps",
     "LatestSlot",
     "QueueCounts",
     "Taken",
@@ -69,11 +76,16 @@ __all__ = [
     "failed_page",
     "family",
     "finish",
+    "finish_serial",
     "flush_failed",
+    "housekeep",
     "insert_jobs",
+    "insert_keyed",
+    "insert_one",
     "jobs_statement",
     "known_queues",
     "latest_slots",
+    "lock_serial_keys",
     "move_to_failed",
     "newest_failed_id",
     "prune_failed",
@@ -86,11 +98,14 @@ __all__ = [
     "rescue_expired",
     "retry_failed",
     "retry_failed_batch",
+    "run_steps",
     "size_statement",
     "stored_revisions",
 ]
 
 NOTIFY_CHANNEL = "routemq_outbox"
+
+_T = TypeVar("_T")
 
 Availability = float | datetime | None
 """When inserted jobs become due: ``None`` now, seconds from now, or an aware datetime."""
@@ -277,6 +292,196 @@ def jobs_statement(queue: str | None) -> sa.Select[Any]:
     return stmt if queue is None else stmt.where(jobs.c.queue == queue)
 
 
+# ---------------------------------------------------------------------------- keyed dispatch
+#
+# A job with a unique or serial key is inserted by its own few statements, which the plain
+# dispatch above never runs. The steps are a generator of statements that the caller executes
+# on its connection (async or sync) and sends back the results of: one copy of the logic.
+#
+# Unique keys: the insert skips a row whose key is taken (``ON CONFLICT DO NOTHING``;
+# MariaDB/MySQL ``ON DUPLICATE KEY UPDATE id = id``, which inserts nothing and reports no new
+# id). A transaction inserting the same key waits, at the index, for the one that holds it
+# uncommitted, then inserts (that one rolled back) or skips (it committed). The holder's id is
+# read afterwards; if the holder left in between, the insert is tried again.
+#
+# Serial keys: producers of a key take turns on its ``serial_keys`` row (inserted, or locked
+# if it exists) for the rest of their transaction, so that the ids of a key's jobs are in
+# commit order. The first job of a key is its head and is due as usual; the others are parked
+# (``available_at`` = PARKED_AT, their due time in ``serial_due_at``), out of the claim's
+# reach, until the job before them leaves.
+
+
+class Inserted(NamedTuple):
+    """A keyed dispatch: the id of the job inserted, or (``duplicate``) of the one holding
+    its unique key."""
+
+    id: int
+    duplicate: bool
+
+
+KeyedSteps = Generator[Statement, Any, Inserted]
+"""Statements to run in order, each sent back its result (a buffered ``Result``)."""
+
+_HOLDER_TRIES = 5
+
+_SERIAL_VALUE = {"serial_key": sa.bindparam("serial_key", type_=sa.String())}
+_pg_take = postgresql.insert(serial_keys).values(_SERIAL_VALUE)
+_mysql_take = mysql.insert(serial_keys).values(_SERIAL_VALUE)
+# Insert the key's row, or lock it if it exists (a no-op update takes the row lock). SQLite,
+# one writer at a time, needs the row only for the lock the others take.
+_TAKE_SERIAL: dict[str, Any] = {
+    "postgresql": _pg_take.on_conflict_do_update(
+        index_elements=[serial_keys.c.serial_key],
+        set_={"serial_key": _pg_take.excluded.serial_key},
+    ),
+    "sqlite": sqlite.insert(serial_keys).values(_SERIAL_VALUE).on_conflict_do_nothing(),
+    "mysql": _mysql_take.on_duplicate_key_update(serial_key=_mysql_take.inserted.serial_key),
+}
+_SERIAL_BUSY = (
+    sa.select(jobs.c.id)
+    .where(jobs.c.serial_key == sa.bindparam("serial_key", type_=sa.String()))
+    .limit(1)
+)
+_UNIQUE_KEY = sa.bindparam("unique_key", type_=sa.String())
+_HOLDER = sa.select(jobs.c.id).where(jobs.c.unique_key == _UNIQUE_KEY)
+_WINDOW_HOLDER = sa.select(unique_windows.c.job_id).where(
+    unique_windows.c.unique_key == _UNIQUE_KEY
+)
+_EXPIRED_WINDOW = sa.delete(unique_windows).where(
+    unique_windows.c.unique_key == _UNIQUE_KEY, unique_windows.c.expires_at <= db_now()
+)
+_WINDOW_VALUES = {
+    "unique_key": _UNIQUE_KEY,
+    "job_id": sa.bindparam("job_id", type_=sa.BigInteger()),
+    "expires_at": statement_now_plus(sa.bindparam("window", type_=sa.Float())),
+}
+# MySQL: IGNORE, as for schedule slots: the values are valid, so only the duplicate is ignored.
+_TAKE_WINDOW: dict[str, Any] = {
+    "postgresql": postgresql.insert(unique_windows).values(_WINDOW_VALUES).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(unique_windows).values(_WINDOW_VALUES).on_conflict_do_nothing(),
+    "mysql": sa.insert(unique_windows).values(_WINDOW_VALUES).prefix_with("IGNORE"),
+}
+_DELETE_OWN = sa.delete(jobs).where(jobs.c.id == sa.bindparam("id", type_=sa.BigInteger()))
+
+
+@functools.cache
+def _keyed_insert(kind: str, when: str, parked: bool) -> Any:
+    due = _available_at(when)
+    values: dict[str, Any] = {
+        "queue": sa.bindparam("queue", type_=sa.String()),
+        "payload": sa.bindparam("payload", type_=Payload()),
+        "available_at": sa.literal(PARKED_AT, UTCDateTime()) if parked else due,
+        "serial_due_at": due if parked else sa.null(),
+        "created_at": statement_now(),
+        "unique_key": _UNIQUE_KEY,
+        "serial_key": sa.bindparam("serial_key", type_=sa.String()),
+    }
+    if kind == "mysql":
+        return mysql.insert(jobs).values(values).on_duplicate_key_update(id=jobs.c.id)
+    insert = (postgresql if kind == "postgresql" else sqlite).insert(jobs).values(values)
+    return insert.on_conflict_do_nothing(
+        index_elements=[jobs.c.unique_key], index_where=jobs.c.unique_key.isnot(None)
+    ).returning(jobs.c.id)
+
+
+# PostgreSQL: every key in one statement, from one array parameter, in key order.
+_KEYS_ARRAY = sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String()))).alias(
+    "wanted"
+)
+_pg_take_many = postgresql.insert(serial_keys).from_select(
+    ["serial_key"],
+    sa.select(sa.column("wanted", sa.String())).select_from(_KEYS_ARRAY).order_by(sa.text("1")),
+)
+_TAKE_SERIAL_MANY = _pg_take_many.on_conflict_do_update(
+    index_elements=[serial_keys.c.serial_key],
+    set_={"serial_key": _pg_take_many.excluded.serial_key},
+)
+
+
+def lock_serial_keys(dialect_name: str, keys: Sequence[str]) -> Statement:
+    """Take the ``serial_keys`` rows of ``keys`` for the caller's transaction, in key order
+    (every transaction takes several in the same order, so none waits for another in a
+    cycle)."""
+    ordered = sorted(set(keys))
+    if family(dialect_name) == "postgresql":
+        return _TAKE_SERIAL_MANY, {"keys": ordered}
+    return _TAKE_SERIAL[family(dialect_name)], [{"serial_key": key} for key in ordered]
+
+
+def insert_keyed(
+    dialect_name: str,
+    queue: str,
+    payload: str,
+    keys: JobKeys,
+    available: Availability,
+    *,
+    notify: bool,
+) -> KeyedSteps:
+    """The steps inserting one job with keys, in the caller's transaction."""
+    kind = family(dialect_name)
+    parked = False
+    if keys.serial_key is not None:
+        serial = {"serial_key": keys.serial_key}
+        yield _TAKE_SERIAL[kind], serial
+        parked = (yield _SERIAL_BUSY, serial).first() is not None
+    params = {
+        "queue": queue,
+        "payload": payload,
+        "unique_key": keys.unique_key,
+        "serial_key": keys.serial_key,
+        **_available_params(available),
+    }
+    statement = _keyed_insert(kind, _when(available), parked)
+    new_id: int | None = None
+    for _ in range(_HOLDER_TRIES):
+        result = yield statement, params
+        new_id = (result.lastrowid or None) if kind == "mysql" else result.scalar_one_or_none()
+        if new_id is not None or keys.unique_key is None:
+            break
+        holder = (yield _HOLDER, {"unique_key": keys.unique_key}).scalar_one_or_none()
+        if holder is not None:
+            return Inserted(int(holder), True)
+    if new_id is None:
+        raise RuntimeError(f"could not insert nor find the holder of key {keys.unique_key!r}")
+    if keys.unique_for is not None:
+        window = {"unique_key": keys.unique_key}
+        yield _EXPIRED_WINDOW, window
+        taken = yield _TAKE_WINDOW[kind], {**window, "job_id": new_id, "window": keys.unique_for}
+        if taken.rowcount != 1:
+            # Taken within its period by a job that may be gone: this one was never seen by
+            # anyone else, so it simply goes.
+            yield _DELETE_OWN, {"id": new_id}
+            holder = (yield _WINDOW_HOLDER, window).scalar_one_or_none()
+            return Inserted(int(holder if holder is not None else new_id), True)
+    if notify and kind == "postgresql" and not parked:
+        yield sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("q"))), {"q": queue}
+    return Inserted(int(new_id), False)
+
+
+async def run_steps(conn: AsyncConnection, steps: Generator[Statement, Any, _T]) -> _T:
+    """Run a keyed insert's statements on ``conn`` (in its transaction)."""
+    try:
+        statement = steps.send(None)
+        while True:
+            statement = steps.send(await conn.execute(*statement))
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+
+
+async def insert_one(
+    conn: AsyncConnection, queue: str, payload: str, keys: JobKeys, *, notify: bool
+) -> Inserted | None:
+    """Insert one job due now, through the keyed steps when it has keys (then returning what
+    they did), else the plain insert."""
+    if keys.unique_key is None and keys.serial_key is None:
+        await conn.execute(*insert_jobs(conn.dialect.name, [(queue, payload)], None, notify=notify))
+        return None
+    return await run_steps(
+        conn, insert_keyed(conn.dialect.name, queue, payload, keys, None, notify=notify)
+    )
+
+
 # ----------------------------------------------------------------------------------- worker
 
 
@@ -288,6 +493,7 @@ class Claimed(NamedTuple):
     payload: str
     attempts: int
     token: int
+    serial_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,12 +510,22 @@ class FailedRecord:
 
 
 _PAYLOAD_TEXT = sa.cast(jobs.c.payload, sa.Text()).label("payload")
-_RETURNED = (jobs.c.id, jobs.c.queue, _PAYLOAD_TEXT, jobs.c.attempts)
+_RETURNED = (jobs.c.id, jobs.c.queue, _PAYLOAD_TEXT, jobs.c.attempts, jobs.c.serial_key)
 _LIMIT = sa.bindparam("limit", type_=sa.Integer())
 _RESERVE = {
     "reserved_at": db_now(),
     "token": sa.bindparam("new_token", type_=sa.BigInteger()),
     "lease_expires_at": db_now_plus(sa.bindparam("lease", type_=sa.Float())),
+    # A key held only while the job waits is free once a worker takes the job. (The prefix is
+    # a literal, not a parameter: the statement is compiled once for every driver.)
+    "unique_key": sa.case(
+        (
+            sa.func.substr(jobs.c.unique_key, sa.literal_column("1"), sa.literal_column("2"))
+            == sa.literal_column(f"'{UNIQUE_QUEUED}'"),
+            sa.null(),
+        ),
+        else_=jobs.c.unique_key,
+    ),
 }
 
 
@@ -444,7 +660,7 @@ async def _reserve(
     driver = await _asyncpg(conn)
     if driver is not None:
         rows = await driver.fetch(compiled.text, *compiled.args(params))
-        return [Claimed(r[0], r[1], r[2], r[3], token) for r in rows]
+        return [Claimed(r[0], r[1], r[2], r[3], token, r[4]) for r in rows]
     async with conn.begin():
         if kind == "mysql":
             reservation = statements[kind]
@@ -455,9 +671,9 @@ async def _reserve(
                 return []
             await conn.execute(reservation.mark, {**params, "ids": [row[0] for row in locked]})
             bump = 1 if count_attempt else 0
-            return [Claimed(i, q, p, a + bump, token) for i, q, p, a in locked]
+            return [Claimed(i, q, p, a + bump, token, k) for i, q, p, a, k in locked]
         rows = (await conn.execute(statements[kind].reserve, params)).all()
-        return [Claimed(i, q, p, a, token) for i, q, p, a in rows]
+        return [Claimed(i, q, p, a, token, k) for i, q, p, a, k in rows]
 
 
 async def claim(
@@ -577,6 +793,93 @@ async def finish(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int
     return await _by_pairs(conn, pairs, _FINISH_ASYNCPG, _FINISH_POSTGRESQL, sa.delete(jobs))
 
 
+# The next job of each key whose head left becomes the head: the first job of the key (the head
+# is always the first, as producers insert in turn and only the first job of a key is due), if
+# it is parked. Idempotent: with the head still there, it changes nothing. One statement for
+# every key of a batch; on MySQL, which refuses a subquery on the table an UPDATE writes, the
+# heads are read first.
+_SERIAL_KEYS: sa.BindParameter[Any] = sa.bindparam("serial_keys", expanding=True)
+_FIRST_OF_KEYS = (
+    sa.select(sa.func.min(jobs.c.id))
+    .where(jobs.c.serial_key.in_(_SERIAL_KEYS))
+    .group_by(jobs.c.serial_key)
+)
+# MySQL assigns left to right, each seeing the ones before: available_at first (the table's
+# column order, which SQLAlchemy keeps).
+_PROMOTION = {"available_at": jobs.c.serial_due_at, "serial_due_at": sa.null()}
+_PROMOTE = (
+    sa.update(jobs)
+    .where(jobs.c.id.in_(_FIRST_OF_KEYS.scalar_subquery()), jobs.c.serial_due_at.isnot(None))
+    .values(_PROMOTION)
+)
+# PostgreSQL: the keys as one array parameter, so that the statement text is the same
+# whatever their number (asyncpg prepares it once per connection).
+_PROMOTE_PG = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id.in_(
+            sa.select(sa.func.min(jobs.c.id))
+            .where(
+                jobs.c.serial_key
+                == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String())))
+            )
+            .group_by(jobs.c.serial_key)
+            .scalar_subquery()
+        ),
+        jobs.c.serial_due_at.isnot(None),
+    )
+    .values(_PROMOTION)
+)
+_PROMOTE_NOTIFY_PG = _notify_after(_PROMOTE_PG.returning(jobs.c.queue).cte("promoted"))
+_PROMOTE_BY_ID = (
+    sa.update(jobs)
+    .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)), jobs.c.serial_due_at.isnot(None))
+    .values(_PROMOTION)
+)
+
+
+async def _promote(conn: AsyncConnection, keys: Sequence[str], *, notify: bool) -> None:
+    """Make the next job of each of ``keys`` its head (in the caller's transaction, which
+    holds the keys' rows)."""
+    kind = family(conn.dialect.name)
+    if kind == "mysql":
+        params = {"serial_keys": sorted(set(keys))}
+        heads = [row[0] for row in await conn.execute(_FIRST_OF_KEYS, params)]
+        if heads:
+            await conn.execute(_PROMOTE_BY_ID, {"ids": heads})
+    elif kind == "postgresql":
+        await conn.execute(_PROMOTE_NOTIFY_PG if notify else _PROMOTE_PG, {"keys": list(keys)})
+    else:
+        await conn.execute(_PROMOTE, {"serial_keys": sorted(set(keys))})
+
+
+async def _lock_serial(conn: AsyncConnection, keys: Sequence[str]) -> None:
+    await conn.execute(*lock_serial_keys(conn.dialect.name, keys))
+
+
+async def finish_serial(
+    conn: AsyncConnection, held: Sequence[tuple[int, int, str]], *, notify: bool = False
+) -> int:
+    """Delete finished jobs of serial keys, given as (id, token, serial key), and promote the
+    next job of each key, in one transaction (``conn`` must not be in autocommit mode);
+    returns how many this worker still held.
+
+    The keys' rows are taken first: a producer of one of them that has not committed yet is
+    waited for, so that its job, if it comes next, is seen and promoted.
+    """
+    keys = [key for _, _, key in held]
+    pairs = [(job_id, token) for job_id, token, _ in held]
+    async with conn.begin():
+        await _lock_serial(conn, keys)
+        if family(conn.dialect.name) == "postgresql":
+            ids, tokens = zip(*pairs, strict=True)
+            result = await conn.execute(_FINISH_POSTGRESQL, {"ids": ids, "tokens": tokens})
+        else:
+            result = await conn.execute(sa.delete(jobs).where(_held(conn.dialect.name, pairs)))
+        await _promote(conn, keys, notify=notify)
+    return int(result.rowcount)
+
+
 async def count_attempts(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:
     """Count an attempt of held jobs claimed ahead, which have started; returns how many this
     worker still held."""
@@ -625,13 +928,17 @@ async def release(
     return int(result.rowcount)
 
 
-async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord) -> bool:
+async def move_to_failed(
+    conn: AsyncConnection, token: int, record: FailedRecord, *, serial_key: str | None = None
+) -> bool:
     """Delete the held job and insert it into failed_jobs, in one transaction (``conn`` must not
-    be in autocommit mode).
+    be in autocommit mode); the job of a serial key promotes the next one of its key.
 
     Returns False (and changes nothing) when the worker no longer holds the job.
     """
     async with conn.begin():
+        if serial_key is not None:
+            await _lock_serial(conn, [serial_key])
         deleted = await conn.execute(
             sa.delete(jobs).where(jobs.c.id == record.job_id, jobs.c.token == token)
         )
@@ -649,7 +956,47 @@ async def move_to_failed(conn: AsyncConnection, token: int, record: FailedRecord
                 failed_at=db_now(),
             )
         )
+        if serial_key is not None:
+            await _promote(conn, [serial_key], notify=False)
     return True
+
+
+# Keys of serial jobs with no head: its promotion was missed (the head was deleted by
+# ``routemq-outbox clear``, say). Rare, so the query reads every serial job, once a minute.
+_HEADLESS = (
+    sa.select(jobs.c.serial_key)
+    .where(jobs.c.serial_key.isnot(None))
+    .group_by(jobs.c.serial_key)
+    .having(sa.func.count(jobs.c.serial_due_at) == sa.func.count())
+)
+_UNUSED_SERIAL_KEYS = sa.delete(serial_keys).where(
+    ~sa.select(jobs.c.id).where(jobs.c.serial_key == serial_keys.c.serial_key).exists()
+)
+_EXPIRED_WINDOWS = sa.delete(unique_windows).where(unique_windows.c.expires_at <= db_now())
+
+
+class Housekept(NamedTuple):
+    """What :func:`housekeep` did."""
+
+    promoted_keys: int
+    expired_windows: int
+    unused_serial_keys: int
+
+
+async def housekeep(conn: AsyncConnection) -> Housekept:
+    """The worker's occasional chores: promote the next job of serial keys left without a
+    head, delete the unique periods that have expired and the ``serial_keys`` rows of keys
+    without jobs. Each in a short transaction of its own."""
+    async with conn.begin():
+        headless = [str(key) for key in (await conn.execute(_HEADLESS)).scalars()]
+        if headless:
+            await _lock_serial(conn, headless)
+            await _promote(conn, headless, notify=False)
+    async with conn.begin():
+        expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
+    async with conn.begin():
+        unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
+    return Housekept(len(headless), int(expired), int(unused))
 
 
 # ------------------------------------------------------------------------------- operating
@@ -1028,9 +1375,11 @@ async def enqueue_slot(
     queue: str,
     payload: str,
     notify: bool,
+    keys: JobKeys = NO_KEYS,
 ) -> bool:
     """Take ``slot`` of ``schedule`` and insert its job, in one transaction; False (and
-    nothing inserted) when the slot was already taken."""
+    nothing inserted) when the slot was already taken. A job with keys goes through the keyed
+    insert: a duplicate of a job holding its unique key takes the slot and inserts nothing."""
     async with conn.begin():
         taken = await conn.execute(
             _TAKE_SLOT[family(conn.dialect.name)],
@@ -1038,7 +1387,7 @@ async def enqueue_slot(
         )
         if taken.rowcount != 1:
             return False
-        await conn.execute(*insert_jobs(conn.dialect.name, [(queue, payload)], None, notify=notify))
+        await insert_one(conn, queue, payload, keys, notify=notify)
     return True
 
 

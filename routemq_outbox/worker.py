@@ -67,6 +67,7 @@ __all__ = [
 log = logging.getLogger("routemq_outbox.worker")
 
 _FINISH_BATCH = 1000
+_HOUSEKEEPING_EVERY = 60.0  # seconds between a worker's rounds of housekeeping
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
 _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs before it is counted
 _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
@@ -253,6 +254,8 @@ class Worker:
         self._starting = True  # False once stopping: claimed jobs are released, not run
         self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
         self._done: list[_Key] = []
+        # The serial key of each finished job that has one: its delete promotes the next job.
+        self._serial_done: dict[_Key, str] = {}
         self._done_ready = asyncio.Event()
         self._abandoned: set[asyncio.Task[None]] = set()
         self._threads = ThreadRunner()
@@ -267,6 +270,7 @@ class Worker:
         self._closed = asyncio.Event()  # set once running jobs are over: helpers wind down
         self._closed_at = math.inf
         self._crash: BaseException | None = None  # why a helper loop died, if one did
+        self._housekept_at = -math.inf
 
     # ------------------------------------------------------------------ public
 
@@ -409,7 +413,8 @@ class Worker:
         return min(free, settings.batch_size)
 
     def _busy(self) -> bool:
-        return bool(self._running or self._waiting)
+        # A finished job of a serial key not deleted yet: its delete may make the next due.
+        return bool(self._running or self._waiting or self._serial_done)
 
     async def _claim_loop(self) -> None:
         settings = self.settings
@@ -529,7 +534,12 @@ class Worker:
             self._uncounted[key] = time.monotonic()
             self._start(
                 sql.Claimed(
-                    claimed.id, claimed.queue, claimed.payload, claimed.attempts + 1, key[1]
+                    claimed.id,
+                    claimed.queue,
+                    claimed.payload,
+                    claimed.attempts + 1,
+                    key[1],
+                    claimed.serial_key,
                 )
             )
 
@@ -636,6 +646,8 @@ class Worker:
         self.stats.succeeded += 1
         self._uncounted.pop(key, None)  # its row goes: nothing to count
         self._held[key] = _DONE
+        if claimed.serial_key is not None:
+            self._serial_done[key] = claimed.serial_key
         self._done.append(key)
         self._done_ready.set()
         if self._observer is not None:
@@ -763,14 +775,18 @@ class Worker:
             job_id=claimed.id,
         )
         moved, problem = await self._write(
-            lambda conn: sql.move_to_failed(conn, claimed.token, record)
+            lambda conn: sql.move_to_failed(
+                conn, claimed.token, record, serial_key=claimed.serial_key
+            )
         )
         if moved is None and problem is not None:
             # The database refuses the text for good: store one it can hold.
             plain = _storable(record.exception) + f"\n\n(stored escaped: {_brief(problem)})"
             record = dataclasses.replace(record, exception=plain)
             moved, problem = await self._write(
-                lambda conn: sql.move_to_failed(conn, claimed.token, record)
+                lambda conn: sql.move_to_failed(
+                    conn, claimed.token, record, serial_key=claimed.serial_key
+                )
             )
         self._held.pop(key, None)
         if not moved:
@@ -847,7 +863,7 @@ class Worker:
             if self._done:
                 self._done_ready.set()
             try:
-                deleted = await sql.finish(await lane.get(), batch)
+                deleted = await self._finish(lane, batch)
                 self.stats.deletes += 1
             except Exception as exc:
                 await lane.reset()
@@ -868,6 +884,7 @@ class Worker:
             backoff.reset()
             for key in batch:
                 self._held.pop(key, None)
+                self._serial_done.pop(key, None)
             if deleted < len(batch):
                 log.warning(
                     "%d finished jobs had been taken over after their lease expired; "
@@ -876,6 +893,23 @@ class Worker:
                 )
             if self._closed.is_set():
                 self._done_ready.set()
+
+    async def _finish(self, lane: _Lane, batch: list[_Key]) -> int:
+        """Delete a batch of finished jobs: those of serial keys in a transaction that also
+        promotes the next job of each key, the others by the plain delete."""
+        serial = self._serial_done
+        if not serial:
+            return await sql.finish(await lane.get(), batch)
+        plain = [key for key in batch if key not in serial]
+        keyed = [(key[0], key[1], serial[key]) for key in batch if key in serial]
+        deleted = await sql.finish(await lane.get(), plain) if plain else 0
+        if keyed:
+            async with self.engine.connect() as conn:
+                deleted += await sql.finish_serial(conn, keyed, notify=notify_enabled())
+            # The next jobs of these keys may be due now: claim without waiting for a poll.
+            self._wake.set()
+            self._slot_freed.set()
+        return deleted
 
     # ------------------------------------------------------------------ shutdown
 
@@ -999,7 +1033,24 @@ class Worker:
             self._rescued.set()
             await self._pause(pause)
 
+    async def _housekeep(self) -> None:
+        """The occasional chores (see :func:`.sql.housekeep`), at start and then every
+        ``_HOUSEKEEPING_EVERY`` seconds, whichever worker of many gets there."""
+        now = time.monotonic()
+        if now < self._housekept_at + _HOUSEKEEPING_EVERY:
+            return
+        self._housekept_at = now
+        async with self.engine.connect() as conn:
+            done = await sql.housekeep(conn)
+        if done.promoted_keys:
+            log.warning(
+                "promoted the next job of %d serial keys whose promotion was missed",
+                done.promoted_keys,
+            )
+            self._wake.set()
+
     async def _rescue(self) -> None:
+        await self._housekeep()
         limit = self.settings.batch_size
         while not self._stopping.is_set():
             async with self.engine.connect() as conn:

@@ -76,6 +76,18 @@ def sync(key: int) -> bool:
     return key % 5 == 3
 
 
+def serial_key(key: int, producers: int) -> str | None:
+    """A fifth of the jobs have a serial key, three per producer: each producer commits its
+    jobs in key order, so that is the order they must run in."""
+    return f"serial-{key % producers}-{key % 3}" if key % 5 == 1 else None
+
+
+def unique(key: int) -> bool:
+    """A fifth of the jobs (42, designed to fail, among them) are dispatched twice with the
+    same unique key in their transaction: the second dispatch must be a duplicate."""
+    return key % 5 == 2
+
+
 def work_seconds(key: int) -> float:
     """How long a job works: 0 to 200 ms, so that kills find jobs in the middle of running."""
     return (key * 7919 % 201) / 1000
@@ -245,7 +257,16 @@ async def produce(url: str, first: int, step: int, total: int) -> tuple[int, int
             async with engine.connect() as conn:
                 business = await conn.begin()
                 await conn.execute(sa.insert(orders).values(key=key))
-                await dispatch(job_for(key), session=conn)
+                serial = serial_key(key, step)
+                if unique(key):
+                    first_try = await dispatch(job_for(key), session=conn, unique_key=f"u{key}")
+                    again = await dispatch(job_for(key), session=conn, unique_key=f"u{key}")
+                    if first_try is None or again is None or not again.duplicate:
+                        raise RuntimeError(f"job {key}: a unique job was dispatched twice")
+                elif serial is not None:
+                    await dispatch(job_for(key), session=conn, serial_key=serial)
+                else:
+                    await dispatch(job_for(key), session=conn)
                 if rolled_back(key):
                     await business.rollback()
                     return False

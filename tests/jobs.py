@@ -531,3 +531,60 @@ class RetriesAfter(Job):
     async def handle(self) -> None:
         await asyncio.sleep(self.seconds)
         raise RetryJob("again later", delay=60)
+
+
+class UniqueSync(Job):
+    """A unique job (one per account while it waits); records that it ran."""
+
+    job_name = "tests.unique_sync"
+    unique_by = ("account_id",)
+    retry_after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.account_id: int | str = 0
+        self.key = ""
+        self.fail_first = False
+
+    async def handle(self) -> None:
+        await record(self.key, "ran", self.attempt)
+        if self.fail_first and self.attempt == 1:
+            raise RuntimeError("first attempt fails")
+
+
+class UniqueActive(UniqueSync):
+    """Unique while it waits or runs."""
+
+    job_name = "tests.unique_active"
+    unique_while = "active"
+
+
+class UniqueWindow(UniqueSync):
+    """Unique for a second after dispatch, even once it ran."""
+
+    job_name = "tests.unique_window"
+    unique_for = 1.0
+
+
+class Ledger(Job):
+    """A serial job (one at a time per account, in dispatch order): records its start and end
+    around ``seconds`` of sleep; fails its first ``failures`` attempts."""
+
+    job_name = "tests.ledger"
+    serial_by = ("account",)
+    retry_after = 0
+    max_tries = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.account = ""
+        self.key = ""
+        self.seconds = 0.0
+        self.failures = 0
+
+    async def handle(self) -> None:
+        await record(self.key, "start", self.attempt)
+        await asyncio.sleep(self.seconds)
+        await record(self.key, "end", self.attempt)
+        if self.attempt <= self.failures:
+            raise RuntimeError(f"attempt {self.attempt} fails")

@@ -14,7 +14,10 @@ worker's pid; the driver logs every kill. At the end:
 - ``jobs`` is empty, and ``failed_jobs`` holds exactly the jobs designed to fail;
 - the ``failed()`` hook of a failed job ran at most once; exactly once, to its end, unless
   the worker that failed the job was killed (before the hook began, or during it);
-- sync jobs (a plain ``def handle``, run in worker threads) are held to all of the above.
+- sync jobs (a plain ``def handle``, run in worker threads) are held to all of the above;
+- the jobs of a serial key run one at a time, in commit order (every run of one is over
+  before the next one's first run starts), and a unique job dispatched twice in its
+  transaction is inserted once.
 
 CI runs 3,000 jobs. The full size (20,000 jobs) is one command::
 
@@ -99,6 +102,7 @@ class Report:
     kills_mid_job: int = 0
     failed_by_design: int = 0
     sync_jobs: int = 0
+    serial_jobs: int = 0
     hooks_ran: int = 0
     hooks_cut: int = 0  # began, and their worker was killed before they ended
     hooks_lost: int = 0  # never began: the worker that failed the job was killed first
@@ -117,7 +121,7 @@ class Report:
             f"PostgreSQL restarts {self.restarts}\n"
             f"  failed by design {self.failed_by_design}; failed() hooks ran {self.hooks_ran}, "
             f"cut short by a kill {self.hooks_cut}, lost with their worker {self.hooks_lost}\n"
-            f"  sync jobs {self.sync_jobs}; "
+            f"  sync jobs {self.sync_jobs}, jobs of serial keys {self.serial_jobs}; "
             f"live workers that found a lease taken over: {self.leases_lost}"
         )
 
@@ -278,6 +282,7 @@ async def test_chaos(
         assert report.kills_mid_job > 0, "no worker was killed while running a job"
         assert report.restarts == 1, "PostgreSQL was not restarted"
         assert report.sync_jobs > 0, "no sync job ran"
+        assert report.serial_jobs > 0, "no job of a serial key ran"
         assert report.hooks_ran > 0, "no failed() hook ran"
     finally:
         await engine.dispose()
@@ -347,6 +352,20 @@ async def check(engine: AsyncEngine, kills: list[tuple[int, float]], report: Rep
             report.effect_more += 1
     assert not unexplained, "runs repeated without a kill:\n" + "\n".join(unexplained[:20])
     report.kills_mid_job = len(interrupted)
+
+    # The jobs of a serial key ran one at a time, in the order they were committed: every
+    # run of one (killed or not) is over before the next one's first run starts.
+    serial: dict[str, list[int]] = defaultdict(list)
+    for key in sorted(orders):
+        name = chaos.serial_key(key, PRODUCERS)
+        if name is not None:
+            serial[name].append(key)
+    for name, keys in serial.items():
+        for earlier, later in itertools.pairwise(keys):
+            last = max(max(r.started, r.ended or r.started) for r in runs[earlier].values())
+            first = min(r.started for r in runs[later].values())
+            assert last < first, f"serial key {name}: job {later} started before {earlier} ended"
+        report.serial_jobs += len(keys)
 
     # failed_jobs holds exactly the jobs designed to fail, each once.
     doomed = sorted(k for k in orders if chaos.doomed(k))

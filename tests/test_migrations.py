@@ -437,3 +437,38 @@ def test_the_schedule_slots_revision_upgrades_a_populated_database(
             assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_job_keys_revision_upgrades_a_populated_database(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    before = "routemq_outbox_0004"
+    upgrade(url, before)
+    engine = create_sync_engine(url)
+    select = sa.text("SELECT queue, unique_key, serial_key, serial_due_at FROM jobs ORDER BY id")
+    try:
+        with engine.begin() as conn:
+            for queue in ("a", "b"):
+                conn.execute(
+                    sa.text('INSERT INTO jobs (queue, payload) VALUES (:q, \'{"job": "x"}\')'),
+                    {"q": queue},
+                )
+        upgrade(url)
+        assert {"unique_windows", "serial_keys"} <= tables(url)
+        with engine.begin() as conn:
+            assert conn.execute(select).all() == [("a", None, None, None), ("b", None, None, None)]
+            # The unique index holds any number of rows without a key, and one per key.
+            conn.execute(sa.text("UPDATE jobs SET unique_key = 'k' WHERE queue = 'a'"))
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET unique_key = 'k' WHERE queue = 'b'"))
+        downgrade(url, before)
+        assert not {"unique_windows", "serial_keys"} & tables(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs ORDER BY id")).scalars().all() == [
+                "a",
+                "b",
+            ]
+    finally:
+        engine.dispose()

@@ -23,9 +23,9 @@ from routemq_outbox import Job, Worker, WorkerSettings, cron, dispatch, every, s
 from routemq_outbox import job as job_module
 from routemq_outbox.errors import InvalidJobSetting, InvalidSchedule, MalformedPayload
 from routemq_outbox.job import decode_payload, scheduled_jobs
-from routemq_outbox.scheduler import SLOT_RETENTION, Scheduler
+from routemq_outbox.scheduler import SLOT_RETENTION, Scheduler, run_now
 from routemq_outbox.schedules import Schedule
-from routemq_outbox.schema import failed_jobs, jobs, schedule_slots
+from routemq_outbox.schema import PARKED_AT, failed_jobs, jobs, schedule_slots
 
 from .conftest import DB_URL_FIXTURES
 from .processes import SpawnWorker
@@ -505,3 +505,54 @@ async def test_cli_lists_schedules_and_runs_one_now_without_taking_a_slot(db_url
         assert "no periodic job is imported" in none.stderr
     finally:
         await engine.dispose()
+
+
+# ------------------------------------------------------------------------------ job keys
+
+
+def keyed(**keys: Any) -> type[Job]:
+    """An hourly job whose data (set in ``__init__``) makes its unique or serial key."""
+
+    def __init__(self: Job) -> None:
+        self.report = "daily"  # type: ignore[attr-defined]
+
+    return type(
+        "Keyed",
+        (Job,),
+        {
+            "job_name": "tests.periodic.keyed",
+            "queue": "periodic",
+            "schedule": every(hours=1),
+            "__init__": __init__,
+            **keys,
+        },
+    )
+
+
+async def test_periodic_runs_honour_a_unique_key(engine: AsyncEngine) -> None:
+    cls = keyed(unique_by=("report",))
+    assert cls.schedule is not None
+    await run_now(engine, cls.job_name, notify=False)
+    await run_now(engine, cls.job_name, notify=False)  # an equal job waits: nothing more
+    assert len(await enqueued(engine)) == 1
+    # A slot due while the equal job waits is taken, and its run skipped as a duplicate.
+    current = floor_hour(await db_time(engine))
+    await take(engine, cls.job_name, current - 2 * HOUR, cls.schedule.definition)
+    await Scheduler(engine, {cls.job_name: cls}, notify=False).check()
+    assert len(await taken(engine)) == 2
+    assert len(await enqueued(engine)) == 1
+    async with engine.connect() as conn:
+        keys = (await conn.execute(sa.select(jobs.c.unique_key))).scalars().all()
+    assert keys == ['q:["tests.periodic.keyed",["daily"]]']
+
+
+async def test_periodic_runs_honour_a_serial_key(engine: AsyncEngine) -> None:
+    cls = keyed(serial_by=("report",))
+    assert cls.schedule is not None
+    await run_now(engine, cls.job_name, notify=False)
+    current = floor_hour(await db_time(engine))
+    await take(engine, cls.job_name, current - 2 * HOUR, cls.schedule.definition)
+    await Scheduler(engine, {cls.job_name: cls}, notify=False).check()
+    async with engine.connect() as conn:
+        found = (await conn.execute(sa.select(jobs.c.available_at).order_by(jobs.c.id))).all()
+    assert [row.available_at == PARKED_AT for row in found] == [False, True]

@@ -241,8 +241,16 @@ def test_python_samples_run_as_printed(index: int, tmp_path: Path, sqlite_url: s
         assert "run for 20" in result.stdout, result.stderr
     if "await mqtt.publish(" in code:
         assert result.stdout.strip() == "waiting: 2"
+    if "class SyncAccount(Job)" in code:
+        assert result.stdout.strip() == "False True True"
     if "ChargeOrderJob" in code:
         assert result.stdout.strip() == "charges: 1"
+    elif "class ApplyLedgerEntry(Job)" in code:
+        assert result.stdout.split("\n")[:3] == [
+            "account 42 amount 100",
+            "account 42 amount -30",
+            "account 42 amount 5",
+        ]
     elif "Worker(WorkerSettings(" in code:
         assert result.stdout.strip() == "0 succeeded, 0 failed"
 
