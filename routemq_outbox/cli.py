@@ -21,7 +21,14 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import admin, scheduler
-from .config import DEFAULT_CONNECTION, database_url, imports_from_env, notify_enabled, redact
+from .config import (
+    DEFAULT_CONNECTION,
+    MQTT_QUEUE,
+    database_url,
+    imports_from_env,
+    notify_enabled,
+    redact,
+)
 from .database import create_engine
 from .errors import DatabaseNotReady, NotFound, OutboxError, brief
 from .logs import configure_logging
@@ -295,12 +302,40 @@ def work(
     schedules: Annotated[
         bool, typer.Option(help="Enqueue the due slots of the periodic jobs imported.")
     ] = True,
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="Broker of the MQTT relay (-q mqtt): mqtt://user:pass@host:1883 or mqtts://... "
+            "[env: ROUTEMQ_OUTBOX_MQTT_URL]",
+            show_default=False,
+        ),
+    ] = None,
+    mqtt_ca_file: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PATH",
+            help="CA certificates for mqtts:// instead of the system's "
+            "[env: ROUTEMQ_OUTBOX_MQTT_CA_FILE]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a worker: claim due jobs, run them, retry them, fail them."""
     if quiet and verbose:
         raise _fail("--quiet and --verbose exclude each other")
     configure_logging(log_format.value, quiet=quiet, verbose=verbose)
     try:
+        if MQTT_QUEUE in (queue or []):
+            from . import mqtt
+
+            mqtt.require_client()
+            broker = mqtt.configure(mqtt_url, mqtt_ca_file)
+            mqtt.log.info("relaying queue %r to MQTT broker %s", MQTT_QUEUE, broker.url)
+        elif mqtt_url is not None or mqtt_ca_file is not None:
+            raise _fail(
+                f"--mqtt-url and --mqtt-ca-file are for the MQTT relay: add -q {MQTT_QUEUE}"
+            )
         settings = WorkerSettings(
             database_url=database or database_url(),
             queues=tuple(queue or ["default"]),

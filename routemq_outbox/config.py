@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_CONNECTION",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MQTT_QUEUE",
     "async_url",
     "database_url",
     "dialect_family",
@@ -38,6 +39,8 @@ __all__ = [
 DEFAULT_CONNECTION = "default"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///routemq_outbox.db"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+MQTT_QUEUE = "mqtt"
+"""The queue of the MQTT outbox (routemq_outbox.mqtt): its worker needs no --import."""
 
 ENV_DATABASE_URL = "ROUTEMQ_OUTBOX_DATABASE_URL"
 ENV_FALLBACK_DATABASE_URL = "DATABASE_URL"

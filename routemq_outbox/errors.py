@@ -13,7 +13,8 @@ The tree::
     │   ├── UnserializableJob       (also a TypeError)
     │   ├── InvalidJobSetting       (also a ValueError)
     │   ├── InvalidJobKey           (also a ValueError) a unique or serial key cannot be used
-    │   └── PayloadTooLarge         (also a ValueError)
+    │   ├── PayloadTooLarge         (also a ValueError)
+    │   └── InvalidMessage          (also a ValueError) an MQTT message's topic, QoS, ... is bad
     ├── JobLoadError                a stored row could not be turned back into a job
     │   ├── MalformedPayload
     │   ├── UnknownJob
@@ -21,6 +22,7 @@ The tree::
     ├── JobTimeout                  an attempt ran longer than its timeout
     ├── LeaseExpired                the worker running the last attempt stopped heartbeating
     ├── OutcomeNotRecorded          the database refused to record an attempt's outcome
+    ├── BrokerRejected              the MQTT broker refused a message (a reason code >= 0x80)
     ├── DatabaseNotReady            the database cannot serve the queue (e.g. not migrated)
     ├── RetryJob                    raised by handle() to ask for another attempt later
     ├── FailJob                     raised by handle() to fail the job now, without more attempts
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_DELAY_SECONDS",
+    "BrokerRejected",
     "ConfigurationError",
     "DatabaseNotReady",
     "DispatchError",
@@ -44,6 +47,7 @@ __all__ = [
     "InvalidDelay",
     "InvalidJobKey",
     "InvalidJobSetting",
+    "InvalidMessage",
     "InvalidQueueName",
     "InvalidSchedule",
     "JobConstructionError",
@@ -130,6 +134,10 @@ class PayloadTooLarge(DispatchError, ValueError):
     """The job's payload is larger than the configured limit."""
 
 
+class InvalidMessage(DispatchError, ValueError):
+    """The MQTT message cannot be published: a bad topic, QoS, retain flag, key or property."""
+
+
 class JobLoadError(OutboxError):
     """A stored job could not be loaded."""
 
@@ -156,6 +164,10 @@ class LeaseExpired(OutboxError):
 
 class OutcomeNotRecorded(OutboxError):
     """The database refused to record the outcome of an attempt."""
+
+
+class BrokerRejected(OutboxError):
+    """The MQTT broker refused the message (its acknowledgement carried a failure reason)."""
 
 
 class DatabaseNotReady(OutboxError):

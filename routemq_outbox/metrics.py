@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from prometheus_client import (
@@ -41,6 +41,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import sql
@@ -232,3 +234,36 @@ def serve_metrics(metrics: WorkerMetrics, port: int, host: str = "0.0.0.0") -> C
         thread.join(5)
 
     return stop
+
+
+class MqttCollector(Collector):
+    """The MQTT relay's figures, read from :data:`routemq_outbox.mqtt.stats` at each scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        from .mqtt import stats
+
+        yield CounterMetricFamily(
+            "routemq_outbox_mqtt_published",
+            "Messages the broker acknowledged (QoS 0: sent).",
+            value=stats.published,
+        )
+        yield CounterMetricFamily(
+            "routemq_outbox_mqtt_retried",
+            "Publishes sent again because the connection was lost before the broker's ack.",
+            value=stats.retried,
+        )
+        yield CounterMetricFamily(
+            "routemq_outbox_mqtt_rejected",
+            "Publishes the broker refused with a failure reason code.",
+            value=stats.rejected,
+        )
+        yield GaugeMetricFamily(
+            "routemq_outbox_mqtt_broker_connected",
+            "1 while the relay holds a connection to the broker.",
+            value=int(stats.connected),
+        )
+        yield CounterMetricFamily(
+            "routemq_outbox_mqtt_outages",
+            "Times the broker became unreachable.",
+            value=stats.outages,
+        )

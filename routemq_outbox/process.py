@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from .config import MQTT_QUEUE
 from .errors import ConfigurationError
 from .job import registered_jobs
 from .worker import Worker, WorkerObserver, WorkerSettings, log
@@ -53,6 +54,9 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
     one exits at once. With ``settings.metrics_port``, serve Prometheus metrics meanwhile.
     Returns the process exit code."""
     import_job_modules(imports)
+    if MQTT_QUEUE in settings.queues:
+        # The relay's job class is built in: -q mqtt needs no --import.
+        import_job_modules(["routemq_outbox.mqtt"])
     if not registered_jobs():
         log.warning("no Job classes are imported: every job will fail as unknown (use --import)")
     observer: WorkerObserver | None = None
@@ -63,6 +67,10 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
         metrics = WorkerMetrics(settings.queues, interval=settings.metrics_interval)
         stop_metrics = serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
         observer = metrics
+        if MQTT_QUEUE in settings.queues:
+            from .metrics import MqttCollector
+
+            metrics.registry.register(MqttCollector())
 
     async def main() -> None:
         worker = Worker(settings, observer=observer)
@@ -85,7 +93,13 @@ def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            if MQTT_QUEUE in settings.queues:
+                from .mqtt import close_relay
+
+                await close_relay()
         if worker.abandoned:
             # Job code that ignores cancellation would keep the event loop from closing
             # (it waits for every task): the worker is done, so the process ends here.

@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from .errors import DispatchError
 from .keys import NO_KEYS, UNIQUE_QUEUED, JobKeys
 from .schema import (
     PARKED_AT,
@@ -442,7 +443,12 @@ def insert_keyed(
         if holder is not None:
             return Inserted(int(holder), True)
     if new_id is None:
-        raise RuntimeError(f"could not insert nor find the holder of key {keys.unique_key!r}")
+        # The holder kept finishing between our insert and our read: a key this contended is
+        # the caller's to retry, not a reason to strand the job silently.
+        raise DispatchError(
+            f"could not insert a job with unique key {keys.unique_key!r} nor find the job "
+            f"holding it after {_HOLDER_TRIES} tries; dispatch again"
+        )
     if keys.unique_for is not None:
         window = {"unique_key": keys.unique_key}
         yield _EXPIRED_WINDOW, window

@@ -244,6 +244,8 @@ def test_python_samples_run_as_printed(index: int, tmp_path: Path, sqlite_url: s
         assert result.stdout.strip() == "waiting: 1"
     if "class PollDevices(Job)" in code:
         assert "run for 20" in result.stdout, result.stderr
+    if "await mqtt.publish(" in code:
+        assert result.stdout.strip() == "waiting: 2"
     if "class SyncAccount(Job)" in code:
         assert result.stdout.strip() == "False True True"
     if "ChargeOrderJob" in code:
