@@ -6,6 +6,7 @@ Delivery is at-least-once: a job may run more than once, so make ``handle()`` id
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .ambient import transaction
 from .dispatch import Queue, dispatch, dispatch_sync, queue
 from .errors import FailJob, OutboxError, RetryJob
 from .job import Job
@@ -31,4 +32,5 @@ __all__ = [
     "dispatch_sync",
     "every",
     "queue",
+    "transaction",
 ]

@@ -5,6 +5,9 @@
 (the ``connection=`` argument of the dispatch API) come from
 ``ROUTEMQ_OUTBOX_DATABASE_URL_<NAME>``, e.g. ``ROUTEMQ_OUTBOX_DATABASE_URL_REPORTING`` for
 ``connection="reporting"``.
+
+Code written for RouteMQ names its SQL driver ``connection="database"``: that name means the
+default connection unless ``ROUTEMQ_OUTBOX_DATABASE_URL_DATABASE`` names another database.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ _FAMILY = {
     "mysql": "mysql",
     "mariadb": "mysql",
 }
+# RouteMQ's queue driver names, so that code written for RouteMQ runs unchanged or says why not.
+ROUTEMQ_SQL_CONNECTION = "database"
+ROUTEMQ_OTHER_CONNECTIONS = {"redis": "Redis"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -79,6 +85,15 @@ def database_url(
         )
     variable = ENV_DATABASE_URL + "_" + re.sub(r"[^0-9A-Za-z]", "_", connection).upper()
     url = env.get(variable)
+    if not url and connection == ROUTEMQ_SQL_CONNECTION:
+        return database_url(DEFAULT_CONNECTION, env)
+    if not url and connection in ROUTEMQ_OTHER_CONNECTIONS:
+        raise ConfigurationError(
+            f"connection {connection!r} is RouteMQ's {ROUTEMQ_OTHER_CONNECTIONS[connection]} "
+            "driver, which routemq-outbox cannot serve: jobs live in your SQL database. Leave "
+            f"connection= out to use the default database, or set {variable} to the database "
+            f"URL that jobs pushed to {connection!r} should go to"
+        )
     if not url:
         raise ConfigurationError(
             f"unknown connection {connection!r}: set {variable} to its database URL"

@@ -3,7 +3,8 @@
 With ``session=`` (an ``AsyncSession`` or ``AsyncConnection``; a ``Session`` or ``Connection``
 for the ``*_sync`` twins) the insert joins the caller's transaction and nothing is committed:
 the job exists exactly when the caller's transaction commits. Without it, the call commits a
-short transaction of its own on the configured database (``connection=`` names which one).
+short transaction of its own on the configured database (``connection=`` names which one),
+unless it runs inside ``async with transaction(session):``, whose session it then joins.
 
 Every twin validates and serialises through the same code before touching the database, so bad
 input raises before anything is sent, and builds its statement with :mod:`routemq_outbox.sql`.
@@ -11,8 +12,9 @@ input raises before anything is sent, and builds its statement with :mod:`routem
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -20,7 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from . import sql
+from . import sql, tracing
+from .ambient import current_session
 from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
 from .errors import MAX_DELAY_SECONDS, InvalidDelay
@@ -37,6 +40,7 @@ __all__ = [
     "SyncTarget",
     "dispatch",
     "dispatch_sync",
+    "insert_payloads",
     "queue",
 ]
 
@@ -142,6 +146,17 @@ class _Insert:
         return done
 
 
+@contextmanager
+def _sending(insert: _Insert) -> Iterator[_Insert]:
+    """``insert`` in a producer span, with the span's trace context in each payload, when
+    tracing is on; as it is otherwise."""
+    if not insert.rows or not tracing.enabled():
+        yield insert
+        return
+    with tracing.send_span(insert.rows) as rows:
+        yield replace(insert, rows=rows)
+
+
 def _insert(
     jobs: Iterable[Job],
     queue: str | None,
@@ -229,6 +244,8 @@ def _check_connection(session: object, connection: str | None) -> str:
 async def _run_async(
     build: Callable[[str], sql.Statement], session: AsyncTarget | None, connection: str | None
 ) -> sa.Result[Any]:
+    if session is None and connection is None:
+        session = current_session()  # inside ``async with transaction(session):``
     name = _check_connection(session, connection)
     if session is None:
         async with connection_engine(name).begin() as conn:
@@ -246,6 +263,8 @@ async def _with_async(
     session: AsyncTarget | None,
     connection: str | None,
 ) -> _T:
+    if session is None and connection is None:
+        session = current_session()  # inside ``async with transaction(session):``
     name = _check_connection(session, connection)
     if session is None:
         for attempt in range(1, _DEADLOCK_TRIES + 1):
@@ -327,18 +346,20 @@ def _execute_sync(conn: sa.Connection, build: Callable[[str], sql.Statement]) ->
 async def _push_async(
     insert: _Insert, session: AsyncTarget | None, connection: str | None
 ) -> DispatchResult | None:
-    if insert.keys is not None:
-        return _one(await _keyed_async(insert, session, connection))
-    await _run_async(insert.statement, session, connection)
+    with _sending(insert) as insert:
+        if insert.keys is not None:
+            return _one(await _keyed_async(insert, session, connection))
+        await _run_async(insert.statement, session, connection)
     return None
 
 
 def _push_sync(
     insert: _Insert, session: SyncTarget | None, connection: str | None
 ) -> DispatchResult | None:
-    if insert.keys is not None:
-        return _one(_keyed_sync(insert, session, connection))
-    _run_sync(insert.statement, session, connection)
+    with _sending(insert) as insert:
+        if insert.keys is not None:
+            return _one(_keyed_sync(insert, session, connection))
+        _run_sync(insert.statement, session, connection)
     return None
 
 
@@ -382,11 +403,11 @@ class Queue:
 
         When some of the jobs have unique or serial keys, they are inserted one by one (in
         the same transaction), duplicates are skipped, and a :class:`BulkResult` says which."""
-        insert = _insert(jobs, queue, delay)
-        if insert.keys is not None:
-            return _bulk(await _keyed_async(insert, session, connection))
-        if insert.rows:
-            await _run_async(insert.statement, session, connection)
+        with _sending(_insert(jobs, queue, delay)) as insert:
+            if insert.keys is not None:
+                return _bulk(await _keyed_async(insert, session, connection))
+            if insert.rows:
+                await _run_async(insert.statement, session, connection)
         return None
 
     async def size(
@@ -432,11 +453,11 @@ class Queue:
         connection: str | None = None,
     ) -> BulkResult | None:
         """:meth:`bulk` for a blocking ``Session`` / ``Connection``."""
-        insert = _insert(jobs, queue, delay)
-        if insert.keys is not None:
-            return _bulk(_keyed_sync(insert, session, connection))
-        if insert.rows:
-            _run_sync(insert.statement, session, connection)
+        with _sending(_insert(jobs, queue, delay)) as insert:
+            if insert.keys is not None:
+                return _bulk(_keyed_sync(insert, session, connection))
+            if insert.rows:
+                _run_sync(insert.statement, session, connection)
         return None
 
     def size_sync(
@@ -487,3 +508,17 @@ def dispatch_sync(
 ) -> DispatchResult | None:
     """:func:`dispatch` for a blocking ``Session`` / ``Connection``."""
     return _push_sync(_insert([job], None, delay, unique_key, serial_key), session, connection)
+
+
+async def insert_payloads(
+    rows: Iterable[tuple[str, str]],
+    *,
+    delay: Delay | None = None,
+    session: AsyncTarget | None = None,
+    connection: str | None = None,
+) -> None:
+    """Insert payloads already encoded as JSON objects' text, as (queue, payload) pairs, the
+    way :func:`dispatch` inserts jobs: for queue drivers that bring their own payload format."""
+    checked = [(validate_queue_name(name), payload) for name, payload in rows]
+    if checked:
+        await _push_async(_Insert(checked, _availability(delay)), session, connection)

@@ -11,10 +11,11 @@ import inspect
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import NamedTuple
 
+from . import tracing
 from .errors import FailJob, JobConstructionError, JobLoadError, JobTimeout, LeaseExpired, RetryJob
 from .job import Job, check_retry_delay, decode_payload, instantiate
 from .sql import Claimed
@@ -227,15 +228,33 @@ def _after_failure(
     return Outcome(Verdict.RETRY, job, error, delay, duration, max_tries)
 
 
-async def run(
+def run(
     attempt: Attempt,
     *,
     threads: ThreadRunner,
     time_limit: float | None = None,
     max_tries: int | None = None,
+) -> Awaitable[Outcome]:
+    """Run one attempt (a plain ``def handle`` in one of ``threads``), in a consumer span when
+    tracing is on. ``time_limit``/``max_tries`` override the job's own."""
+    if tracing.enabled():
+        return tracing.process_span(
+            attempt.claimed,
+            functools.partial(
+                _run, attempt, threads=threads, time_limit=time_limit, max_tries=max_tries
+            ),
+        )
+    # The coroutine itself, not one awaiting it: untraced attempts pay for no extra frame.
+    return _run(attempt, threads=threads, time_limit=time_limit, max_tries=max_tries)
+
+
+async def _run(
+    attempt: Attempt,
+    *,
+    threads: ThreadRunner,
+    time_limit: float | None,
+    max_tries: int | None,
 ) -> Outcome:
-    """Run one attempt (a plain ``def handle`` in one of ``threads``).
-    ``time_limit``/``max_tries`` override the job's own."""
     claimed = attempt.claimed
     started = time.perf_counter()
     try:

@@ -43,6 +43,7 @@ from .schema import QUEUE_NAME_MAX, SCHEDULE_NAME_MAX
 __all__ = [
     "MAX_DELAY_SECONDS",
     "MAX_PAYLOAD_DEPTH",
+    "MAX_STORED_DEPTH",
     "SETTINGS",
     "Decoded",
     "Job",
@@ -534,8 +535,44 @@ class Decoded(NamedTuple):
     scheduled_at: datetime | None
 
 
+MAX_STORED_DEPTH = 200
+"""How deeply a stored payload may nest for a worker to read it. Dispatch never writes one
+deeper than :data:`MAX_PAYLOAD_DEPTH`; this bounds rows from elsewhere, the same on every Python
+(how deep ``json`` parses before a RecursionError differs: about 1000 levels on 3.11, several
+thousand on 3.13)."""
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _nesting(text: str) -> int:
+    """How deeply the JSON ``text`` nests (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _too_deep(text: str | bytes) -> bool:
+    # Two scans in C first: a payload nests no deeper than it has brackets.
+    opening = (b"[", b"{") if isinstance(text, bytes) else ("[", "{")
+    if text.count(opening[0]) + text.count(opening[1]) <= MAX_STORED_DEPTH:  # type: ignore[arg-type]
+        return False
+    decoded = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return _nesting(decoded) > MAX_STORED_DEPTH
+
+
 def decode_payload(text: str | bytes) -> Decoded:
     """Parse stored JSON text; raises MalformedPayload."""
+    if isinstance(text, str | bytes) and _too_deep(text):
+        raise MalformedPayload(
+            f"payload nests lists and dicts more than {MAX_STORED_DEPTH} levels deep "
+            f"(MAX_STORED_DEPTH): {str(text)[:200]!r}"
+        )
     try:
         document = json.loads(text)
     except (TypeError, ValueError, RecursionError) as exc:

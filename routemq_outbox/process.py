@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -30,6 +31,22 @@ def import_job_modules(modules: Sequence[str]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigurationError(f"cannot import job module {module!r}: {exc}") from exc
+    _import_routemq_jobs(modules)
+
+
+def _import_routemq_jobs(modules: Sequence[str]) -> None:
+    """A RouteMQ application names its jobs package (``--import app.jobs``) and RouteMQ imports
+    the modules in it: do the same, then teach the worker to run RouteMQ jobs."""
+    if importlib.util.find_spec("routemq") is None:
+        return
+    packages = [name for name in modules if hasattr(sys.modules.get(name), "__path__")]
+    if packages:
+        from routemq.job_registry import discover_and_register_jobs
+
+        for package in packages:
+            discover_and_register_jobs(package)
+    if "routemq.job" in sys.modules:
+        importlib.import_module("routemq_outbox.routemq_driver")
 
 
 def serve(settings: WorkerSettings, imports: Sequence[str] = ()) -> int:

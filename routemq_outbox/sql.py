@@ -967,6 +967,24 @@ async def move_to_failed(
     return True
 
 
+async def insert_failed(conn: AsyncConnection, record: FailedRecord) -> None:
+    """Record a failure of a job this process does not hold (RouteMQ's ``failed()`` called
+    apart from its worker): failed_jobs only, ``jobs`` untouched."""
+    async with conn.begin():
+        await conn.execute(
+            sa.insert(failed_jobs).values(
+                uuid=record.uuid,
+                connection=record.connection,
+                queue=record.queue,
+                payload=record.payload,
+                exception=record.exception,
+                attempts=record.attempts,
+                job_id=None,
+                failed_at=db_now(),
+            )
+        )
+
+
 # Keys of serial jobs with no head: its promotion was missed (the head was deleted by
 # ``routemq-outbox clear``, say). Rare, so the query reads every serial job, once a minute.
 _HEADLESS = (

@@ -44,3 +44,31 @@ def test_mysql_and_mariadb_are_one_family() -> None:
 def test_a_missing_mysql_driver_names_the_extra() -> None:
     error = _driver_missing(async_url("mysql://u@h/d"), ImportError("No module named 'asyncmy'"))
     assert 'pip install "routemq-outbox[mysql]"' in str(error)
+
+
+def test_routemqs_database_connection_is_the_default_database_unless_named() -> None:
+    from routemq_outbox.config import database_url
+
+    env = {"ROUTEMQ_OUTBOX_DATABASE_URL": "postgresql://u@h/app"}
+    assert database_url("database", env) == "postgresql://u@h/app"
+    assert database_url("database", {}) == "sqlite+aiosqlite:///routemq_outbox.db"
+    named = {**env, "ROUTEMQ_OUTBOX_DATABASE_URL_DATABASE": "postgresql://u@h/jobs"}
+    assert database_url("database", named) == "postgresql://u@h/jobs"
+
+
+def test_routemqs_redis_connection_says_jobs_live_in_sql_and_how_to_map_it() -> None:
+    from routemq_outbox.config import database_url
+    from routemq_outbox.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as refused:
+        database_url("redis", {"ROUTEMQ_OUTBOX_DATABASE_URL": "postgresql://u@h/app"})
+    assert str(refused.value) == (
+        "connection 'redis' is RouteMQ's Redis driver, which routemq-outbox cannot serve: jobs "
+        "live in your SQL database. Leave connection= out to use the default database, or set "
+        "ROUTEMQ_OUTBOX_DATABASE_URL_REDIS to the database URL that jobs pushed to 'redis' "
+        "should go to"
+    )
+    mapped = {"ROUTEMQ_OUTBOX_DATABASE_URL_REDIS": "sqlite:///jobs.db"}
+    assert database_url("redis", mapped) == "sqlite:///jobs.db"
+    with pytest.raises(ConfigurationError, match="unknown connection 'reporting'"):
+        database_url("reporting", {})

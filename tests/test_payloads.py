@@ -281,12 +281,26 @@ class ExitsInInit(Job):
 
 def test_anything_that_stops_a_row_becoming_a_job_is_a_job_load_error() -> None:
     deep = deep_payload(5000)
-    with pytest.raises(MalformedPayload, match="payload is not valid JSON \\(RecursionError"):
+    with pytest.raises(MalformedPayload, match="payload nests lists and dicts more than 200"):
         load(claimed(deep))
     with pytest.raises(JobConstructionError, match="raised SystemExit: no"):
         load(claimed('{"job": "tests.payloads.exits_in_init", "data": {}}'))
     with pytest.raises(MalformedPayload, match=r"sets reserved attributes \['handle'\]"):
         load(claimed('{"job": "tests.payloads.echo", "data": {"handle": 1}}'))
+
+
+def test_the_stored_depth_limit_is_the_same_on_every_python() -> None:
+    from routemq_outbox.job import MAX_STORED_DEPTH, decode_payload
+
+    # the envelope and "data" are two of the levels
+    assert decode_payload(deep_payload(MAX_STORED_DEPTH - 2)).data["value"]
+    with pytest.raises(MalformedPayload, match="more than 200 levels deep"):
+        decode_payload(deep_payload(MAX_STORED_DEPTH - 1))
+    with pytest.raises(MalformedPayload, match="more than 200 levels deep"):
+        decode_payload(deep_payload(MAX_STORED_DEPTH - 1).encode())
+    brackets = "[{" * 5000 + '\\"'  # inside a string, with an escaped quote: not nesting
+    text = f'{{"job": "{Echo.job_name}", "data": {{"value": {json.dumps(brackets)}}}}}'
+    assert decode_payload(text).data["value"] == brackets
 
 
 @pytest.mark.parametrize("db_url", ["postgresql", "sqlite"], indirect=True)
@@ -300,7 +314,7 @@ async def test_a_stored_payload_too_deep_to_parse_fails_once(
     await drain(db_url, lease=1)
     (failed,) = await failed_rows(engine)
     assert failed.exception.startswith(
-        "routemq_outbox.errors.MalformedPayload: payload is not valid JSON (RecursionError"
+        "routemq_outbox.errors.MalformedPayload: payload nests lists and dicts more than 200"
     ), failed.exception[:300]
     assert failed.attempts == 1
     assert [r.job_key for r in await log_rows(engine)] == ["after"]
