@@ -1010,16 +1010,22 @@ class Housekept(NamedTuple):
 async def housekeep(conn: AsyncConnection) -> Housekept:
     """The worker's occasional chores: promote the next job of serial keys left without a
     head, delete the unique periods that have expired and the ``serial_keys`` rows of keys
-    without jobs. Each in a short transaction of its own."""
+    without jobs.
+
+    The deletes are single statements in autocommit mode (last: the mode stays until the
+    connection goes back to its pool). A write transaction held open across an await is a
+    hazard on SQLite: should job code block the event loop between its first write and its
+    COMMIT, the database's one write lock stays taken and no other worker can write, not even
+    to take that job over. Promoting (rare) needs its transaction; when nothing is headless,
+    that transaction only reads, which on SQLite takes no lock."""
     async with conn.begin():
         headless = [str(key) for key in (await conn.execute(_HEADLESS)).scalars()]
         if headless:
             await _lock_serial(conn, headless)
             await _promote(conn, headless, notify=False)
-    async with conn.begin():
-        expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
-    async with conn.begin():
-        unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
+    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
+    unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
     return Housekept(len(headless), int(expired), int(unused))
 
 
