@@ -50,22 +50,24 @@ import inspect
 import os
 import re
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import NoSuchModuleError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .config import async_url, database_url, dialect_family, redact, sync_url
 from .errors import ConfigurationError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "BlockingSqlite",
     "SqliteBegin",
     "connection_engine",
     "connection_sync_engine",
@@ -73,6 +75,8 @@ __all__ = [
     "create_sync_engine",
     "dispose_sync_engines",
 ]
+
+_T = TypeVar("_T")
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -456,6 +460,79 @@ def create_sync_engine(
     elif family == "mysql" and target.get_driver_name() == "pymysql":
         _pymysql_setup(engine)
     return engine
+
+
+class _Blocking:
+    """The part of AsyncConnection that the statements of :mod:`.sql` use, over a blocking
+    connection: each call completes before it returns, so an operation awaiting only these
+    never suspends."""
+
+    def __init__(self, connection: sa.Connection) -> None:
+        self._connection = connection
+
+    @property
+    def dialect(self) -> sa.Dialect:
+        return self._connection.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._connection.execute(statement, parameters)
+
+    async def execution_options(self, **options: Any) -> _Blocking:
+        return _Blocking(self._connection.execution_options(**options))
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[None]:
+        with self._connection.begin():
+            yield
+
+
+def _complete(operation: Awaitable[_T]) -> _T:
+    """The result of an awaitable that completes without suspending."""
+    steps = operation.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return cast(_T, done.value)
+    steps.close()
+    raise RuntimeError("an operation on a blocking connection tried to suspend")
+
+
+class BlockingSqlite:
+    """Runs operations of :mod:`.sql` whole on a thread, over blocking connections to an
+    SQLite file.
+
+    An SQLite write transaction holds the database's one write lock from its first write to
+    its COMMIT. Over aiosqlite every statement, and the COMMIT, is a trip through the event
+    loop, so job code that blocks the loop in between keeps every other process from writing:
+    even the worker that would take the blocked job over once its lease runs out. On a thread
+    the transaction ends whatever the loop does.
+    """
+
+    def __init__(self, engine: AsyncEngine, threads: int) -> None:
+        self._engine = create_sync_engine(
+            engine.url, poolclass=sa.pool.QueuePool, pool_size=threads, max_overflow=0
+        )
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="routemq-outbox-sqlite")
+
+    @staticmethod
+    def usable(engine: AsyncEngine) -> bool:
+        """Whether ``engine`` opens an SQLite file (an in-memory database exists only in its
+        own connections, so another engine would not see it)."""
+        return engine.dialect.name == "sqlite" and _sqlite_file(engine.url) is not None
+
+    async def run(self, operation: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._run, operation)
+
+    def _run(self, operation: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        with self._engine.connect() as connection:
+            # Only the operations of .sql are run here, which await nothing but their
+            # connection: the facade stands in for it.
+            return _complete(operation(cast(AsyncConnection, _Blocking(connection))))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+        self._engine.dispose()
 
 
 # ----------------------------------------------------------------------------- shared engines

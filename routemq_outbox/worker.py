@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import secrets
@@ -32,13 +33,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import faults, sql
 from .config import DEFAULT_CONNECTION, notify_enabled, redact
-from .database import create_engine
+from .database import BlockingSqlite, create_engine
 from .errors import ConfigurationError, DatabaseNotReady, OutboxError, OutcomeNotRecorded
 from .errors import brief as _brief
 from .execution import (
@@ -66,7 +67,10 @@ __all__ = [
 
 log = logging.getLogger("routemq_outbox.worker")
 
+_T = TypeVar("_T")
+
 _FINISH_BATCH = 1000
+_SQLITE_THREADS = 5  # as many as the connections the worker's engine keeps
 _HOUSEKEEPING_EVERY = 60.0  # seconds between a worker's rounds of housekeeping
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
 _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs before it is counted
@@ -189,11 +193,18 @@ class WorkerObserver(Protocol):
 
 class _Lane:
     """A connection that one loop keeps for its statements: no pool checkout per statement,
-    and on PostgreSQL autocommit, so that a one-statement transaction is one round trip."""
+    and on PostgreSQL autocommit, so that a one-statement transaction is one round trip. On
+    an SQLite file, the statements run on a thread instead (see :class:`.BlockingSqlite`)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, blocking: BlockingSqlite | None) -> None:
         self._engine = engine
+        self._blocking = blocking
         self._conn: AsyncConnection | None = None
+
+    async def run(self, operation: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        if self._blocking is not None:
+            return await self._blocking.run(operation)
+        return await operation(await self.get())
 
     async def get(self) -> AsyncConnection:
         if self._conn is None:
@@ -271,6 +282,7 @@ class Worker:
         self._closed_at = math.inf
         self._crash: BaseException | None = None  # why a helper loop died, if one did
         self._housekept_at = -math.inf
+        self._blocking: BlockingSqlite | None = None  # set by run() on an SQLite file
 
     # ------------------------------------------------------------------ public
 
@@ -310,7 +322,9 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
-        self._claim_lane = _Lane(self.engine)
+        if BlockingSqlite.usable(self.engine):
+            self._blocking = BlockingSqlite(self.engine, _SQLITE_THREADS)
+        self._claim_lane = _Lane(self.engine, self._blocking)
         # These finish their round when the worker closes; the others are cancelled then.
         finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
@@ -358,6 +372,8 @@ class Worker:
             await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
             await self._claim_lane.reset()
             await self._release_unfinished()
+            if self._blocking is not None:
+                await asyncio.to_thread(self._blocking.close)
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
         if self._crash is not None:
@@ -476,7 +492,7 @@ class Worker:
         free slots, started at once with their attempt counted; the rest claimed ahead."""
         token = secrets.randbits(63)
         lease = self.settings.lease
-        conn = await self._claim_lane.get()
+        lane = self._claim_lane
         total = 0
         for queue in self.settings.queues:
             for count_attempt in (True, False):
@@ -485,7 +501,16 @@ class Worker:
                     limit = min(limit, self._free_slots())
                 if limit <= 0:
                     continue
-                got = await sql.claim(conn, queue, limit, token, lease, count_attempt=count_attempt)
+                got = await lane.run(
+                    functools.partial(
+                        sql.claim,
+                        queue=queue,
+                        limit=limit,
+                        token=token,
+                        lease=lease,
+                        count_attempt=count_attempt,
+                    )
+                )
                 self._claimed(queue, got, count_attempt)
                 total += len(got)
                 if len(got) < limit:
@@ -554,7 +579,7 @@ class Worker:
         statement. A job that crashes its worker within that moment does not spend the
         attempt; it is among the first claimed again, and a claim for a free slot counts it.
         """
-        lane = _Lane(self.engine)
+        lane = _Lane(self.engine, self._blocking)
         try:
             while not self._closed.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -572,7 +597,7 @@ class Worker:
                 counted = self._loop.create_future()
                 self._counting = (set(keys), counted)
                 try:
-                    await sql.count_attempts(await lane.get(), keys)
+                    await lane.run(functools.partial(sql.count_attempts, pairs=keys))
                 except Exception as exc:
                     await lane.reset()
                     # Not counted after all: those still held get another chance.
@@ -809,6 +834,14 @@ class Worker:
         if outcome.job is not None:
             self._hooks.spawn(claimed, outcome.job, error)
 
+    async def _run(self, operation: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """Run an operation of :mod:`.sql` on a connection of the pool (on an SQLite file, on
+        a thread: see :class:`.BlockingSqlite`)."""
+        if self._blocking is not None:
+            return await self._blocking.run(operation)
+        async with self.engine.connect() as conn:
+            return await operation(conn)
+
     async def _write(
         self, operation: Callable[[AsyncConnection], Awaitable[int | bool]]
     ) -> tuple[bool | None, BaseException | None]:
@@ -821,8 +854,7 @@ class Worker:
         backoff = faults.Backoff()
         while True:
             try:
-                async with self.engine.connect() as conn:
-                    return bool(await operation(conn)), None
+                return bool(await self._run(operation)), None
             except Exception as exc:
                 if not faults.is_transient(exc):
                     return None, exc
@@ -844,7 +876,7 @@ class Worker:
     async def _completer(self) -> None:
         """Delete finished jobs in batches: whatever finished while the last delete ran."""
         backoff = faults.Backoff()
-        lane = _Lane(self.engine)
+        lane = _Lane(self.engine, self._blocking)
         try:
             await self._complete(lane, backoff)
         finally:
@@ -899,13 +931,14 @@ class Worker:
         promotes the next job of each key, the others by the plain delete."""
         serial = self._serial_done
         if not serial:
-            return await sql.finish(await lane.get(), batch)
+            return await lane.run(functools.partial(sql.finish, pairs=batch))
         plain = [key for key in batch if key not in serial]
         keyed = [(key[0], key[1], serial[key]) for key in batch if key in serial]
-        deleted = await sql.finish(await lane.get(), plain) if plain else 0
+        deleted = await lane.run(functools.partial(sql.finish, pairs=plain)) if plain else 0
         if keyed:
-            async with self.engine.connect() as conn:
-                deleted += await sql.finish_serial(conn, keyed, notify=notify_enabled())
+            deleted += await self._run(
+                functools.partial(sql.finish_serial, held=keyed, notify=notify_enabled())
+            )
             # The next jobs of these keys may be due now: claim without waiting for a poll.
             self._wake.set()
             self._slot_freed.set()
@@ -975,8 +1008,9 @@ class Worker:
         if not keys:
             return
         try:
-            async with self.engine.connect() as conn:
-                released = await sql.release(conn, keys, delay=None, refund_attempt=refund)
+            released = await self._run(
+                functools.partial(sql.release, pairs=keys, delay=None, refund_attempt=refund)
+            )
         except Exception as exc:
             log.warning(
                 "could not release %d unfinished jobs (%s); they run again after "
@@ -1012,11 +1046,11 @@ class Worker:
             return
         # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken over
         # is reported where its outcome is written, which its token no longer allows.
-        async with self.engine.connect() as conn:
-            for start in range(0, len(pairs), _FINISH_BATCH):
-                await sql.extend_leases(
-                    conn, pairs[start : start + _FINISH_BATCH], self.settings.lease
-                )
+        for start in range(0, len(pairs), _FINISH_BATCH):
+            batch = pairs[start : start + _FINISH_BATCH]
+            await self._run(
+                functools.partial(sql.extend_leases, pairs=batch, lease=self.settings.lease)
+            )
 
     async def _rescuer(self) -> None:
         """Take over jobs of this worker's queues whose worker went silent, until stopping.
@@ -1040,8 +1074,7 @@ class Worker:
         if now < self._housekept_at + _HOUSEKEEPING_EVERY:
             return
         self._housekept_at = now
-        async with self.engine.connect() as conn:
-            done = await sql.housekeep(conn)
+        done = await self._run(sql.housekeep)
         if done.promoted_keys:
             log.warning(
                 "promoted the next job of %d serial keys whose promotion was missed",
@@ -1053,10 +1086,15 @@ class Worker:
         await self._housekeep()
         limit = self.settings.batch_size
         while not self._stopping.is_set():
-            async with self.engine.connect() as conn:
-                rescued = await sql.rescue_expired(
-                    conn, limit, secrets.randbits(63), self.settings.lease, self.settings.queues
+            rescued = await self._run(
+                functools.partial(
+                    sql.rescue_expired,
+                    limit=limit,
+                    token=secrets.randbits(63),
+                    lease=self.settings.lease,
+                    queues=self.settings.queues,
                 )
+            )
             for claimed in rescued:
                 self._held[(claimed.id, claimed.token)] = _UNCOUNTED
             for claimed in rescued:
