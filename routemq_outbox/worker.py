@@ -319,12 +319,9 @@ class Worker:
         :class:`~routemq_outbox.errors.DatabaseNotReady` instead of being waited for.
         """
         settings = self.settings
-        self._loop = asyncio.get_running_loop()
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
-        if BlockingSqlite.usable(self.engine):
-            self._blocking = BlockingSqlite(self.engine, _SQLITE_THREADS)
-        self._claim_lane = _Lane(self.engine, self._blocking)
+        self._open()
         # These finish their round when the worker closes; the others are cancelled then.
         finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
@@ -370,10 +367,8 @@ class Worker:
             for helper in cancelled:
                 helper.cancel()
             await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
-            await self._claim_lane.reset()
             await self._release_unfinished()
-            if self._blocking is not None:
-                await asyncio.to_thread(self._blocking.close)
+            await self._close()
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
         if self._crash is not None:
@@ -386,6 +381,20 @@ class Worker:
             self.stats.interrupted,
         )
         return self.stats
+
+    def _open(self) -> None:
+        """The connections the loops share: the claim lane, and on an SQLite file the
+        threads that run every statement."""
+        self._loop = asyncio.get_running_loop()
+        if BlockingSqlite.usable(self.engine):
+            self._blocking = BlockingSqlite(self.engine, _SQLITE_THREADS)
+        self._claim_lane = _Lane(self.engine, self._blocking)
+
+    async def _close(self) -> None:
+        await self._claim_lane.reset()
+        if self._blocking is not None:
+            await asyncio.to_thread(self._blocking.close)
+            self._blocking = None
 
     def _end(self, *, release_claimed: bool) -> None:
         self._stopping.set()

@@ -505,8 +505,7 @@ class JobStateMachine(RuleBasedStateMachine):
             self.url, queues=(StateJob.queue,), concurrency=2, prefetch=2, lease=LEASE
         )
         worker = Worker(settings, engine=self.engine)
-        worker._loop = asyncio.get_running_loop()
-        worker._claim_lane = worker_module._Lane(self.engine)
+        worker._open()
         return worker, asyncio.create_task(worker._completer())
 
     async def _kill_worker(self) -> None:
@@ -517,7 +516,7 @@ class JobStateMachine(RuleBasedStateMachine):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await worker._claim_lane.reset()
+        await worker._close()
 
     def worker_step(self, step: Awaitable[Any]) -> None:
         """One step of the worker, then let it settle: every attempt it runs waits for the
