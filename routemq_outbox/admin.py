@@ -50,7 +50,7 @@ from .errors import (
 )
 from .job import validate_queue_name
 from .migrate import APP_VERSION_TABLE, BRANCH, VERSION_TABLE, head_revision
-from .schema import PRIORITY_MAX, PRIORITY_MIN
+from .schema import DEFAULT_PRIORITY, PRIORITY_MAX, PRIORITY_MIN
 from .sql import QueueCounts
 
 __all__ = [
@@ -112,8 +112,6 @@ MAX_DURATION = 100 * 365 * 86400.0
 """The longest age ``prune_failed`` and ``parse_duration`` take: a century, which keeps
 ``now - age`` within every engine's calendar."""
 
-DEFAULT_PRIORITY = 0
-"""The priority of a job that names none: the first to run."""
 MAX_JOB_ID = 2**63 - 1
 """Job ids are 64-bit integers."""
 MAX_JOB_PAGE = 1000

@@ -23,6 +23,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "KEY_MAX",
     "MYSQL_DIALECTS",
     "PARKED_AT",
@@ -52,6 +53,8 @@ QUEUE_NAME_MAX = 255
 PRIORITY_MIN = 0
 PRIORITY_MAX = 9
 """A job's priority is from PRIORITY_MIN to PRIORITY_MAX; lower runs first."""
+DEFAULT_PRIORITY = PRIORITY_MIN
+"""The priority of a job that names none: it runs before all others."""
 SCHEDULE_NAME_MAX = 255
 KEY_MAX = 255
 """The longest unique or serial key, in characters."""

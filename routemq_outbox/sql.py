@@ -40,6 +40,8 @@ from .errors import DispatchError
 from .keys import NO_KEYS, UNIQUE_QUEUED, JobKeys
 from .schema import (
     PARKED_AT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     Payload,
     UTCDateTime,
     db_now,
@@ -57,6 +59,7 @@ from .schema import (
 )
 
 __all__ = [
+    "CONTROL_CHANNEL",
     "NOTIFY_CHANNEL",
     "CancelOutcome",
     "Claimed",
@@ -71,6 +74,7 @@ __all__ = [
     "Taken",
     "WorkerRow",
     "cancel_jobs",
+    "cancel_requested_ids",
     "claim",
     "claim_statement_text",
     "clear_queue",
@@ -125,6 +129,8 @@ __all__ = [
 ]
 
 NOTIFY_CHANNEL = "routemq_outbox"
+CONTROL_CHANNEL = "routemq_outbox_control"
+"""Where PostgreSQL workers hear that a queue was paused or resumed (its name the payload)."""
 
 _T = TypeVar("_T")
 
@@ -546,7 +552,8 @@ async def insert_one(
 
 
 class Claimed(NamedTuple):
-    """A job row a worker now holds under ``token``; ``attempts`` counts this attempt."""
+    """A job row a worker now holds under ``token``; ``attempts`` counts this attempt.
+    ``cancel_requested``: an operator cancelled it, so it is recorded, not run."""
 
     id: int
     queue: str
@@ -554,6 +561,8 @@ class Claimed(NamedTuple):
     attempts: int
     token: int
     serial_key: str | None = None
+    priority: int = 0
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,10 +576,19 @@ class FailedRecord:
     exception: str
     attempts: int
     job_id: int
+    priority: int = 0
 
 
 _PAYLOAD_TEXT = sa.cast(jobs.c.payload, sa.Text()).label("payload")
-_RETURNED = (jobs.c.id, jobs.c.queue, _PAYLOAD_TEXT, jobs.c.attempts, jobs.c.serial_key)
+_RETURNED = (
+    jobs.c.id,
+    jobs.c.queue,
+    _PAYLOAD_TEXT,
+    jobs.c.attempts,
+    jobs.c.serial_key,
+    jobs.c.priority,
+    jobs.c.cancel_requested,
+)
 _LIMIT = sa.bindparam("limit", type_=sa.Integer())
 _RESERVE = {
     "reserved_at": db_now(),
@@ -604,12 +622,18 @@ def _reservation(
     order_by: Sequence[sa.ColumnElement[Any]],
     *,
     count_attempt: bool,
+    postgresql_pick: sa.Select[Any] | None = None,
 ) -> dict[str, _Reservation]:
+    """``postgresql_pick``, when given, picks (and locks) the rows on PostgreSQL instead of
+    ``where`` and ``order_by``."""
     values = dict(_RESERVE)
     if count_attempt:
         values["attempts"] = jobs.c.attempts + 1
     picked = sa.select(jobs.c.id).where(*where).order_by(*order_by).limit(_LIMIT)
-    cte = picked.with_for_update(skip_locked=True).cte("picked")
+    if postgresql_pick is None:
+        cte = picked.with_for_update(skip_locked=True).cte("picked")
+    else:
+        cte = postgresql_pick.cte("picked")
     lock = sa.select(*_RETURNED).where(*where).order_by(*order_by).limit(_LIMIT)
     mark = sa.update(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True))).values(values)
     # ``id = ANY((SELECT array_agg(id) FROM picked))``, not a join with ``picked``: the array is
@@ -640,16 +664,47 @@ def _reservation(
     }
 
 
+# Due jobs of a queue by priority, then available_at, then id. One index range read over
+# (queue, priority, available_at, id) with ``available_at <= now`` would read through every
+# delayed row of priority 0 before reaching a due one of priority 1; so each priority level is
+# its own range read. SQLite and MySQL/MariaDB plan ``priority IN (0, ..., 9)`` that way (one
+# range per value, in index order, so no sort). PostgreSQL walks the levels in a nested loop,
+# in order, each a LATERAL subquery reading and locking its level's range; the LIMIT above it
+# stops the loop once it has enough rows, so later levels are not read at all.
+_LEVELS: list[sa.ColumnElement[Any]] = [
+    sa.literal_column(str(level)) for level in range(PRIORITY_MIN, PRIORITY_MAX + 1)
+]
+_QUEUE_NAME = sa.bindparam("queue_name", type_=sa.String())
 _DUE = (
-    jobs.c.queue == sa.bindparam("queue_name", type_=sa.String()),
+    jobs.c.queue == _QUEUE_NAME,
     jobs.c.reserved_at.is_(None),
+    jobs.c.priority.in_(_LEVELS),
     jobs.c.available_at <= db_now(),
 )
-_DUE_ORDER = (jobs.c.available_at, jobs.c.id)
-_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True)
+_DUE_ORDER = (jobs.c.priority, jobs.c.available_at, jobs.c.id)
+_LEVEL_TABLE = sa.values(
+    sa.column("level", sa.SmallInteger()), name="levels", literal_binds=True
+).data([(level,) for level in range(PRIORITY_MIN, PRIORITY_MAX + 1)])
+_LEVEL_DUE = (
+    sa.select(jobs.c.id)
+    .where(
+        jobs.c.queue == _QUEUE_NAME,
+        jobs.c.reserved_at.is_(None),
+        jobs.c.priority == _LEVEL_TABLE.c.level,
+        jobs.c.available_at <= db_now(),
+    )
+    .order_by(jobs.c.available_at, jobs.c.id)
+    .limit(_LIMIT)
+    .with_for_update(skip_locked=True)
+    .lateral("level_jobs")
+)
+_PICK_BY_LEVEL = (
+    sa.select(_LEVEL_DUE.c.id).select_from(_LEVEL_TABLE.join(_LEVEL_DUE, sa.true())).limit(_LIMIT)
+)
+_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True, postgresql_pick=_PICK_BY_LEVEL)
 # Prefetched jobs are claimed without counting an attempt: one that never starts (its worker
 # crashed, or stopped) has not spent one. count_attempts() counts it just before it starts.
-_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False)
+_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False, postgresql_pick=_PICK_BY_LEVEL)
 
 
 def _expired(queues: sa.ColumnElement[bool]) -> dict[str, _Reservation]:
@@ -721,7 +776,7 @@ async def _reserve(
     driver = await _asyncpg(conn)
     if driver is not None:
         rows = await driver.fetch(compiled.text, *compiled.args(params))
-        return [Claimed(r[0], r[1], r[2], r[3], token, r[4]) for r in rows]
+        return _in_order([Claimed(r[0], r[1], r[2], r[3], token, r[4], r[5], r[6]) for r in rows])
     async with conn.begin():
         if kind == "mysql":
             reservation = statements[kind]
@@ -732,9 +787,20 @@ async def _reserve(
                 return []
             await conn.execute(reservation.mark, {**params, "ids": [row[0] for row in locked]})
             bump = 1 if count_attempt else 0
-            return [Claimed(i, q, p, a + bump, token, k) for i, q, p, a, k in locked]
+            return [
+                Claimed(i, q, p, a + bump, token, k, r, bool(c)) for i, q, p, a, k, r, c in locked
+            ]
         rows = (await conn.execute(statements[kind].reserve, params)).all()
-        return [Claimed(i, q, p, a, token, k) for i, q, p, a, k in rows]
+        return _in_order(
+            [Claimed(i, q, p, a, token, k, r, bool(c)) for i, q, p, a, k, r, c in rows]
+        )
+
+
+def _in_order(claimed: list[Claimed]) -> list[Claimed]:
+    """Claimed rows in the order to start them (an UPDATE returns them in no set order)."""
+    if len(claimed) > 1 and any(job.priority for job in claimed):
+        claimed.sort(key=lambda job: job.priority)  # stable: otherwise as the claim found them
+    return claimed
 
 
 async def claim(
@@ -981,6 +1047,16 @@ async def extend_leases(
     return int(result.rowcount)
 
 
+async def cancel_requested_ids(
+    conn: AsyncConnection, pairs: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Which of the held jobs ``pairs`` an operator cancelled (a read by primary key)."""
+    rows = await conn.execute(
+        sa.select(jobs.c.id).where(_held(conn.dialect.name, pairs), jobs.c.cancel_requested)
+    )
+    return [int(i) for i in rows.scalars()]
+
+
 async def release(
     conn: AsyncConnection,
     pairs: Sequence[tuple[int, int]],
@@ -1035,6 +1111,7 @@ async def move_to_failed(
                 attempts=record.attempts,
                 job_id=record.job_id,
                 failed_at=db_now(),
+                priority=record.priority,
             )
         )
         if serial_key is not None:
@@ -1830,7 +1907,7 @@ async def pause_queue(engine: AsyncEngine, queue: str, *, notify: bool) -> bool:
     async with engine.begin() as conn:
         result = await conn.execute(_PAUSE[family(conn.dialect.name)], {"queue": queue})
         if notify and family(conn.dialect.name) == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, queue)))
+            await conn.execute(sa.select(sa.func.pg_notify(CONTROL_CHANNEL, queue)))
     return bool(result.rowcount)
 
 
@@ -1839,7 +1916,7 @@ async def resume_queue(engine: AsyncEngine, queue: str, *, notify: bool) -> bool
     async with engine.begin() as conn:
         result = await conn.execute(sa.delete(paused_queues).where(paused_queues.c.queue == queue))
         if notify and family(conn.dialect.name) == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, queue)))
+            await conn.execute(sa.select(sa.func.pg_notify(CONTROL_CHANNEL, queue)))
     return bool(result.rowcount)
 
 
@@ -1851,7 +1928,8 @@ async def paused_queue_names(conn: AsyncConnection | AsyncEngine) -> set[str]:
     if isinstance(conn, AsyncEngine):
         async with conn.connect() as own:
             return await paused_queue_names(own)
-    return {str(name) for name in (await conn.execute(_PAUSED)).scalars()}
+    async with conn.begin():  # ended here: the caller's next transaction is its own
+        return {str(name) for name in (await conn.execute(_PAUSED)).scalars()}
 
 
 @dataclass(frozen=True, slots=True)
