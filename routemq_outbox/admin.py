@@ -90,6 +90,7 @@ __all__ = [
     "parse_failed_refs",
     "parse_job_ids",
     "pause_queue",
+    "paused_queues",
     "prune_failed",
     "queue_size",
     "queue_stats",
@@ -540,17 +541,33 @@ def _cancel_exception(reason: str | None) -> str:
 
 
 async def cancel_jobs(
-    engine: AsyncEngine, ids: Sequence[int], *, reason: str | None = None
+    engine: AsyncEngine,
+    ids: Sequence[int],
+    *,
+    reason: str | None = None,
+    missing_ok: bool = True,
 ) -> CancelResult:
     """Cancel jobs by id, in one transaction. Waiting ones move to ``failed_jobs`` with the
     error ``Cancelled`` (and ``reason``); running ones are asked to stop: their worker cancels
-    ``handle()`` within about a second and records the job the same way, with no retry."""
+    ``handle()`` within about a second and records the job the same way, with no retry.
+
+    Ids not in ``jobs`` are listed in ``missing``; with ``missing_ok=False`` they raise
+    :class:`~.errors.UnknownJobId` instead, and nothing is cancelled."""
     wanted = [_check_id(i) for i in ids]
     if not wanted:
         raise ConfigurationError("give the ids of the jobs to cancel")
     outcome = await sql.cancel_jobs(
-        engine, wanted, exception=_cancel_exception(reason), connection=DEFAULT_CONNECTION
+        engine,
+        wanted,
+        exception=_cancel_exception(reason),
+        connection=DEFAULT_CONNECTION,
+        all_or_nothing=not missing_ok,
     )
+    if outcome.missing and not missing_ok:
+        raise UnknownJobId(
+            f"jobs has no job with id {', '.join(map(str, outcome.missing))} (finished, failed, "
+            "cancelled already, or never there): nothing was cancelled"
+        )
     return CancelResult(outcome.deleted, outcome.stopping, outcome.missing)
 
 
@@ -612,6 +629,11 @@ async def resume_queue(engine: AsyncEngine, queue: str) -> None:
     validate_queue_name(queue)
     if not await sql.resume_queue(engine, queue, notify=True) and not await _served(engine, queue):
         await _require_queue(engine, queue)
+
+
+async def paused_queues(engine: AsyncEngine) -> set[str]:
+    """The names of the paused queues."""
+    return await sql.paused_queue_names(engine)
 
 
 async def _served(engine: AsyncEngine, queue: str) -> bool:

@@ -1784,7 +1784,12 @@ _DELETE_JOB_BY_ID = sa.delete(jobs).where(jobs.c.id == sa.bindparam("id", type_=
 
 
 async def cancel_jobs(
-    engine: AsyncEngine, ids: Sequence[int], *, exception: str, connection: str
+    engine: AsyncEngine,
+    ids: Sequence[int],
+    *,
+    exception: str,
+    connection: str,
+    all_or_nothing: bool = False,
 ) -> CancelOutcome:
     """Cancel jobs, in one transaction: waiting ones leave ``jobs`` for ``failed_jobs`` (with
     ``exception``), those a worker holds get ``cancel_requested``.
@@ -1795,10 +1800,13 @@ async def cancel_jobs(
     and SQLite has one writer at a time. Any row still there after the delete is flagged,
     whatever its state, so that a job a worker let go of meanwhile is not missed: a worker
     records a flagged job as cancelled instead of running it.
+
+    With ``all_or_nothing``, if any id is missing nothing is changed (and only ``missing`` is
+    filled in).
     """
     wanted = sorted(set(ids))
     kind = family(engine.dialect.name)
-    async with engine.begin() as conn:
+    async with engine.connect() as conn, conn.begin() as transaction:
         serial = (
             await conn.execute(
                 sa.select(jobs.c.serial_key)
@@ -1833,6 +1841,11 @@ async def cancel_jobs(
                 _REQUEST_CANCEL.where(jobs.c.id.in_(wanted)).returning(jobs.c.id)
             )
             held = [int(i) for i in flagged.scalars()]
+        found = {int(row.id) for row in taken} | set(held)
+        missing = [i for i in wanted if i not in found]
+        if missing and all_or_nothing:
+            await transaction.rollback()
+            return CancelOutcome([], [], missing)
         if taken:
             await conn.execute(
                 sa.insert(failed_jobs),
@@ -1854,9 +1867,7 @@ async def cancel_jobs(
             if promote:
                 await _lock_serial(conn, promote)
                 await _promote(conn, promote, notify=False)
-    deleted = sorted(int(row.id) for row in taken)
-    gone = set(deleted) | set(held)
-    return CancelOutcome(deleted, sorted(held), [i for i in wanted if i not in gone])
+    return CancelOutcome(sorted(int(row.id) for row in taken), sorted(held), missing)
 
 
 async def run_now(engine: AsyncEngine, ids: Sequence[int]) -> tuple[list[int], list[int]]:
