@@ -161,8 +161,8 @@ def evaluate_targets(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
 def _plan_target(
     results: dict[str, Any], backlogs: tuple[str, str], *, mysql: bool = False
 ) -> dict[str, Any]:
-    """Our claim must find its rows through ix_jobs_claim (ix_jobs_claim_mysql on MariaDB)
-    and never scan the table."""
+    """Our claim must find its rows through ix_jobs_claim_by_priority
+    (ix_jobs_claim_by_priority_mysql on MariaDB) and never scan the table."""
     verdicts = []
     for backlog in backlogs:
         entry = _get(results, "claim", backlog)
@@ -171,7 +171,11 @@ def _plan_target(
             continue
         verdicts.append(bool(entry.get("uses_claim_index")) and not entry.get("seq_scan_on_jobs"))
     known = [v for v in verdicts if v is not None]
-    index, scan = ("ix_jobs_claim_mysql", "full scan") if mysql else ("ix_jobs_claim", "Seq Scan")
+    index, scan = (
+        ("ix_jobs_claim_by_priority_mysql", "full scan")
+        if mysql
+        else ("ix_jobs_claim_by_priority", "Seq Scan")
+    )
     return {
         "name": f"claim plan: {index}, no {scan} ({' and '.join(backlogs)} backlog)",
         "value": sum(1 for v in known if v),

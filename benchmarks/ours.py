@@ -325,7 +325,7 @@ def _plan_facts(plan: str) -> dict[str, Any]:
         "statement": sql.claim_statement_text(),
         "plan": plan,
         "plan_execution_ms": _plan_execution_ms(plan),
-        "uses_claim_index": "ix_jobs_claim" in plan,
+        "uses_claim_index": "ix_jobs_claim_by_priority" in plan,
         "seq_scan_on_jobs": "Seq Scan on jobs" in plan,
     }
 
@@ -385,7 +385,9 @@ async def _explain_claim_mysql(conn: Any) -> dict[str, Any]:
         "plan_select_pages": sum(
             t.get("r_engine_stats", {}).get("pages_accessed", 0) for t in select_tables
         ),
-        "uses_claim_index": any(t.get("key") == "ix_jobs_claim_mysql" for t in select_tables),
+        "uses_claim_index": any(
+            t.get("key") == "ix_jobs_claim_by_priority_mysql" for t in select_tables
+        ),
         "update_uses_primary_key": any(t.get("key") == "PRIMARY" for t in update_tables),
         "filesort": '"filesort"' in json.dumps(plans["select"]),
         "history_list_length": None if history_row is None else int(history_row[1]),

@@ -62,7 +62,7 @@ def _rate_row(
 
 
 def _access(accesses: Any) -> str:
-    """MariaDB plan accesses as ``range on ix_jobs_claim_mysql``."""
+    """MariaDB plan accesses as ``range on ix_jobs_claim_by_priority_mysql``."""
     if not accesses:
         return "n/a"
     return ", ".join(f"{kind} on {key}" for kind, key in accesses)
@@ -283,7 +283,11 @@ def render(results: dict[str, Any]) -> str:
                 _num(entry.get("seq_scan_on_jobs")),
             ]
         )
-    index, scan = ("ix_jobs_claim_mysql", "full scan") if mysql else ("ix_jobs_claim", "seq scan")
+    index, scan = (
+        ("ix_jobs_claim_by_priority_mysql", "full scan")
+        if mysql
+        else ("ix_jobs_claim_by_priority", "seq scan")
+    )
     out += _table(
         ["backlog", "median", "p90", "first", "EXPLAIN exec", index, scan],
         claim_rows,

@@ -10,6 +10,7 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -63,6 +64,9 @@ def _group(name: str, help: str, panel: str) -> typer.Typer:
 
 
 failed_app = _group("failed", "List, show, retry and delete failed jobs.", FAILED_PANEL)
+jobs_app = _group(
+    "jobs", "List, show and cancel waiting and running jobs, or run them now.", MONITORING_PANEL
+)
 schedule_app = _group(
     "schedule", "List the periodic jobs, or enqueue one run of one now.", SCHEDULE_PANEL
 )
@@ -142,8 +146,11 @@ def _seconds(
     return check
 
 
-def _admin(database: str | None, call: Callable[[AsyncEngine], Awaitable[T]]) -> T:
-    """Run one admin function on a fresh engine; its errors become messages and exit codes."""
+def _admin(
+    database: str | None, call: Callable[[AsyncEngine], Awaitable[T]], *, not_found: int = 1
+) -> T:
+    """Run one admin function on a fresh engine; its errors become messages and exit codes
+    (``not_found`` for a name or id that is not there)."""
     url = database or database_url()
 
     async def main() -> T:
@@ -156,7 +163,7 @@ def _admin(database: str | None, call: Callable[[AsyncEngine], Awaitable[T]]) ->
     try:
         return asyncio.run(main())
     except NotFound as exc:
-        raise _fail(str(exc), 1) from None
+        raise _fail(str(exc), not_found) from None
     except OutboxError as exc:
         raise _fail(str(exc)) from None
     except admin.DATABASE_ERRORS as exc:
@@ -371,7 +378,11 @@ def work(
 @app.command(rich_help_panel=MONITORING_PANEL)
 def stats(queue: QueueFilter = None, as_json: AsJson = False, database: DatabaseUrl = None) -> None:
     """Jobs per queue: pending (due now), delayed, reserved, failed, oldest due job's age."""
-    counts = _admin(database, lambda engine: admin.queue_stats(engine, queue))
+
+    async def read(engine: AsyncEngine) -> tuple[list[admin.QueueCounts], set[str]]:
+        return await admin.queue_stats(engine, queue), await admin.paused_queues(engine)
+
+    counts, paused = _admin(database, read)
     if as_json:
         _print_json(
             {
@@ -383,6 +394,7 @@ def stats(queue: QueueFilter = None, as_json: AsJson = False, database: Database
                         "reserved": row.reserved,
                         "failed": row.failed,
                         "oldest_due_age_seconds": row.oldest_due_age,
+                        "paused": row.queue in paused,
                     }
                     for row in counts
                 ]
@@ -394,7 +406,14 @@ def stats(queue: QueueFilter = None, as_json: AsJson = False, database: Database
         _print_table(
             ("QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "OLDEST DUE"),
             [
-                (r.queue, r.pending, r.delayed, r.reserved, r.failed, _age(r.oldest_due_age))
+                (
+                    r.queue + (" (paused)" if r.queue in paused else ""),
+                    r.pending,
+                    r.delayed,
+                    r.reserved,
+                    r.failed,
+                    _age(r.oldest_due_age),
+                )
                 for r in counts
             ],
             right=5,
@@ -426,6 +445,253 @@ def health(
     if not report.ok:
         raise _fail(report.message, 1)
     typer.echo(f"ok: {report.message} ({report.revision})")
+
+
+# ------------------------------------------------------------------------------- control
+
+JobIds = Annotated[list[int], typer.Argument(metavar="ID", help="Job ids.", show_default=False)]
+
+
+def _job_ids(ids: list[int] | None) -> list[int]:
+    for job_id in ids or ():
+        if not 1 <= job_id <= INT64_MAX:
+            raise _fail(f"job id must be a whole number from 1 to {INT64_MAX}, got {job_id}")
+    return list(ids or ())
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    queue: QueueFilter = None,
+    state: Annotated[
+        str | None,
+        typer.Option(metavar="STATE", help="pending, delayed or running.", show_default=False),
+    ] = None,
+    job: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Only jobs of this name.", show_default=False)
+    ] = None,
+    after: Annotated[
+        int | None,
+        typer.Option(
+            metavar="ID", help="Start after this job id (the next page).", show_default=False
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(help="Show at most this many.", callback=_whole(1, admin.MAX_JOB_PAGE))
+    ] = 50,
+    as_json: AsJson = False,
+    database: DatabaseUrl = None,
+) -> None:
+    """Waiting and running jobs by id, a page at a time."""
+    if state is not None and state not in ("pending", "delayed", "running"):
+        raise _fail(f"--state must be pending, delayed or running, got {state!r}")
+    if after is not None:
+        _job_ids([after])
+    page = _admin(
+        database,
+        lambda engine: admin.list_jobs(
+            engine, queue=queue, state=state, job=job, after=after, limit=limit
+        ),
+        not_found=2,
+    )
+    if as_json:
+        _print_json(
+            {"jobs": [j.as_dict(full=False) for j in page.jobs], "next_after": page.next_after}
+        )
+        return
+    if not page.jobs:
+        typer.echo("no jobs")
+        return
+    _print_table(
+        ("ID", "QUEUE", "JOB", "STATE", "PRIORITY", "ATTEMPTS", "DUE AT (UTC)"),
+        [
+            (
+                j.id,
+                j.queue,
+                j.job or "?",
+                j.state + (" (cancelling)" if j.cancel_requested else ""),
+                j.priority,
+                j.attempts,
+                _when(j.available_at),
+            )
+            for j in page.jobs
+        ],
+        right=0,
+    )
+    if page.next_after is not None:
+        typer.echo(f"(more: --after {page.next_after})", err=True)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id.")],
+    as_json: AsJson = False,
+    database: DatabaseUrl = None,
+) -> None:
+    """Everything about one waiting or running job."""
+    _job_ids([job_id])
+    job = _admin(database, lambda engine: admin.show_job(engine, job_id), not_found=2)
+    if as_json:
+        _print_json(job.as_dict())
+        return
+    fields = [
+        ("id", job.id),
+        ("queue", job.queue),
+        ("job", job.job or "? (unreadable payload)"),
+        ("state", job.state + (" (cancel requested)" if job.cancel_requested else "")),
+        ("priority", job.priority),
+        ("attempts", job.attempts),
+        ("due at", job.available_at.isoformat()),
+        ("created at", job.created_at.isoformat()),
+        ("lease ends", job.reserved_until.isoformat() if job.reserved_until else "-"),
+        ("unique key", job.unique_key or "-"),
+        ("serial key", job.serial_key or "-"),
+    ]
+    for name, value in fields:
+        typer.echo(f"{name + ':':<12}{value}")
+    payload = job.as_dict()["payload"]
+    text = json.dumps(payload, indent=2, ensure_ascii=False) if job.job else job.payload
+    typer.echo("payload:\n" + _indent(text))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(metavar="ID", help="Job ids.", show_default=False),
+    ] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue", "-q", metavar="NAME", help="Every job of this queue.", show_default=False
+        ),
+    ] = None,
+    job: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME", help="With --queue: only jobs of this name.", show_default=False
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(metavar="TEXT", help="Recorded in failed_jobs.", show_default=False),
+    ] = None,
+    database: DatabaseUrl = None,
+) -> None:
+    """Cancel jobs: waiting ones move to failed_jobs as Cancelled; running ones are stopped by
+    their worker within about a second, and recorded the same way. None is retried."""
+    if bool(ids) == (queue is not None):
+        raise _fail("give the ids of the jobs to cancel, or --queue (not both)")
+    if job is not None and queue is None:
+        raise _fail("--job goes with --queue")
+    if ids:
+        wanted = _job_ids(ids)
+        result = _admin(
+            database,
+            lambda engine: admin.cancel_jobs(engine, wanted, reason=reason, missing_ok=False),
+            not_found=2,
+        )
+    else:
+        assert queue is not None
+        result = _admin(
+            database,
+            lambda engine: admin.cancel_matching(engine, queue=queue, job=job, reason=reason),
+            not_found=2,
+        )
+    typer.echo(
+        f"cancelled {_plural(len(result.deleted), 'waiting job')} (moved to failed_jobs); "
+        f"asked the workers of {_plural(len(result.stopping), 'running job')} to stop them"
+    )
+    if result.missing:
+        missing = ", ".join(map(str, result.missing))
+        typer.echo(
+            f"routemq-outbox: not in jobs (finished, failed or cancelled): {missing}", err=True
+        )
+
+
+@jobs_app.command("run-now")
+def jobs_run_now(ids: JobIds, database: DatabaseUrl = None) -> None:
+    """Make waiting jobs due now (all of them, or none if an id is not in jobs)."""
+    wanted = _job_ids(ids)
+    done = _admin(database, lambda engine: admin.run_now(engine, wanted), not_found=2)
+    typer.echo(f"made {_plural(len(done), 'job')} due now")
+
+
+QueueName = Annotated[str, typer.Argument(metavar="QUEUE", help="Queue name.")]
+
+
+@app.command(rich_help_panel=MAINTENANCE_PANEL)
+def pause(queue: QueueName, database: DatabaseUrl = None) -> None:
+    """Stop every worker claiming from QUEUE (they finish what they hold) until resume."""
+    _admin(database, lambda engine: admin.pause_queue(engine, queue), not_found=2)
+    typer.echo(f"paused queue {queue!r}")
+
+
+@app.command(rich_help_panel=MAINTENANCE_PANEL)
+def resume(queue: QueueName, database: DatabaseUrl = None) -> None:
+    """Let workers claim from a paused QUEUE again."""
+    _admin(database, lambda engine: admin.resume_queue(engine, queue), not_found=2)
+    typer.echo(f"resumed queue {queue!r}")
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def queues(as_json: AsJson = False, database: DatabaseUrl = None) -> None:
+    """Each queue's state (running or paused) and its jobs."""
+    found = _admin(database, admin.list_queues)
+    if as_json:
+        _print_json({"queues": [dataclasses.asdict(q) for q in found]})
+        return
+    if not found:
+        typer.echo("no queues")
+        return
+    _print_table(
+        ("QUEUE", "STATE", "PENDING", "DELAYED", "RUNNING", "FAILED", "OLDEST DUE"),
+        [
+            (
+                q.name,
+                "paused" if q.paused else "active",
+                q.pending,
+                q.delayed,
+                q.running,
+                q.failed,
+                _age(q.oldest_due_age),
+            )
+            for q in found
+        ],
+        right=0,
+    )
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def workers(as_json: AsJson = False, database: DatabaseUrl = None) -> None:
+    """Worker processes: live ones with the jobs they run, then those gone silent."""
+    found = _admin(database, admin.list_workers)
+    if as_json:
+        _print_json({"workers": [w.as_dict() for w in found]})
+        return
+    if not found:
+        typer.echo("no workers")
+        return
+    _print_table(
+        ("WORKER", "STATE", "HOST", "PID", "QUEUES", "CONCURRENCY", "LAST SEEN (UTC)", "RUNNING"),
+        [
+            (
+                w.id[:8],
+                "alive" if w.alive else "gone",
+                w.host,
+                w.pid,
+                ",".join(w.queues),
+                w.concurrency,
+                _when(w.last_seen),
+                ",".join(map(str, w.running)) or "-",
+            )
+            for w in found
+        ],
+        right=0,
+    )
 
 
 # ------------------------------------------------------------------------------- periodic jobs

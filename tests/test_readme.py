@@ -317,6 +317,14 @@ async def test_operating_commands_run_as_printed(db_url: str, engine: AsyncEngin
         "clear emails",
         "migrate",
         "work",
+        "jobs list",
+        "jobs show",
+        "jobs run-now",
+        "jobs cancel",
+        "pause reports",
+        "resume reports",
+        "queues",
+        "workers",
     }
     # The failed jobs the examples name: 1-10 in "emails", 11-14 in "default".
     async with engine.begin() as conn:
@@ -339,12 +347,20 @@ async def test_operating_commands_run_as_printed(db_url: str, engine: AsyncEngin
         ]
     assert ids == list(range(1, 15))
     await queue.bulk([Noop() for _ in range(3)], queue="emails")
+    await queue.later(3600, Noop(), queue="reports")  # job 4, which the examples name
 
     expected = {
         "routemq-outbox size emails": "3\n",
         "routemq-outbox failed retry 12 13": "retried 2 failed jobs\n",
         "routemq-outbox failed retry --all --queue emails": "retried 10 failed jobs\n",
         "routemq-outbox failed forget 14": "deleted 1 failed job\n",
+        "routemq-outbox jobs run-now 4": "made 1 job due now\n",
+        'routemq-outbox jobs cancel 4 --reason "built by hand"': (
+            "cancelled 1 waiting job (moved to failed_jobs); asked the workers of 0 running "
+            "jobs to stop them\n"
+        ),
+        "routemq-outbox pause reports": "paused queue 'reports'\n",
+        "routemq-outbox resume reports": "resumed queue 'reports'\n",
         "routemq-outbox clear emails": "deleted 13 waiting jobs of queue 'emails'\n",
     }
     for command in commands:
