@@ -1088,10 +1088,7 @@ class Worker:
                 await asyncio.wait_for(self._closed.wait(), pause)
 
     async def _heartbeat(self) -> None:
-        await self._presence()
         pairs = list(self._held)
-        if not pairs:
-            return
         # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken over
         # is reported where its outcome is written, which its token no longer allows.
         for start in range(0, len(pairs), _FINISH_BATCH):
@@ -1099,6 +1096,10 @@ class Worker:
             await self._run(
                 functools.partial(sql.extend_leases, pairs=batch, lease=self.settings.lease)
             )
+        try:
+            await self._presence()
+        except Exception as exc:  # the leases matter more: extended first, and they go on
+            log.warning("could not refresh this worker's row in workers: %s", _brief(exc))
 
     async def _presence(self) -> None:
         """Keep the worker's row in ``workers`` fresh (insert it if it is not there: the
