@@ -30,10 +30,12 @@ __all__ = [
     "SCHEDULE_NAME_MAX",
     "Payload",
     "UTCDateTime",
+    "db_minute",
     "db_now",
     "db_now_plus",
     "failed_jobs",
     "include_object",
+    "job_counts",
     "jobs",
     "metadata",
     "schedule_slots",
@@ -264,6 +266,30 @@ def _since_mysql(element: seconds_since, compiler: SQLCompiler, **kw: Any) -> st
     return f"(TIMESTAMPDIFF(MICROSECOND, {moment}, UTC_TIMESTAMP(6)) / 1000000.0)"
 
 
+class db_minute(FunctionElement[int]):
+    """The database's current minute: whole minutes since the Unix epoch, an integer."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "db_minute"
+
+
+@compiles(db_minute, "postgresql")
+def _minute_postgresql(element: db_minute, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(floor(EXTRACT(EPOCH FROM now()) / 60) AS BIGINT)"
+
+
+@compiles(db_minute, "sqlite")
+def _minute_sqlite(element: db_minute, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(CAST(strftime('%s', 'now') AS INTEGER) / 60)"
+
+
+@compiles(db_minute, "mysql")
+@compiles(db_minute, "mariadb")
+def _minute_mysql(element: db_minute, compiler: SQLCompiler, **kw: Any) -> str:
+    return "FLOOR(UNIX_TIMESTAMP() / 60)"
+
+
 def _only_on(*dialects: str) -> Any:
     """A ``ddl_if`` rule: create the item on these dialects only. :func:`include_object`
     reads it back, so that alembic's comparisons skip the item elsewhere."""
@@ -423,6 +449,21 @@ serial_keys = sa.Table(
     "serial_keys",
     metadata,
     sa.Column("serial_key", sa.String(KEY_MAX), primary_key=True),
+    **_MYSQL_TABLE,
+)
+
+
+# Jobs finished per queue and minute (of the database clock), for the dashboard's throughput
+# chart: workers add their counts every few seconds with one upsert, so the chart never scans
+# jobs or failed_jobs. Housekeeping deletes rows older than a day.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("minute", sa.BigInteger(), nullable=False),
+    sa.Column("queue", sa.String(QUEUE_NAME_MAX), nullable=False),
+    sa.Column("succeeded", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
+    sa.Column("failed", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
+    sa.PrimaryKeyConstraint("minute", "queue"),
     **_MYSQL_TABLE,
 )
 

@@ -41,9 +41,11 @@ from .schema import (
     PARKED_AT,
     Payload,
     UTCDateTime,
+    db_minute,
     db_now,
     db_now_plus,
     failed_jobs,
+    job_counts,
     jobs,
     schedule_slots,
     seconds_since,
@@ -54,6 +56,7 @@ from .schema import (
 )
 
 __all__ = [
+    "COUNTS_KEPT_MINUTES",
     "NOTIFY_CHANNEL",
     "Claimed",
     "FailedRecord",
@@ -62,6 +65,7 @@ __all__ = [
     "Inserted",
     "KeyedSteps",
     "LatestSlot",
+    "MinuteCounts",
     "QueueCounts",
     "Taken",
     "claim",
@@ -95,6 +99,7 @@ __all__ = [
     "queue_counts_statement",
     "queue_exists",
     "queue_size",
+    "record_counts",
     "release",
     "rescue_expired",
     "retry_failed",
@@ -102,6 +107,7 @@ __all__ = [
     "run_steps",
     "size_statement",
     "stored_revisions",
+    "throughput",
 ]
 
 NOTIFY_CHANNEL = "routemq_outbox"
@@ -999,6 +1005,11 @@ _UNUSED_SERIAL_KEYS = sa.delete(serial_keys).where(
 _EXPIRED_WINDOWS = sa.delete(unique_windows).where(unique_windows.c.expires_at <= db_now())
 
 
+COUNTS_KEPT_MINUTES = 24 * 60
+"""How long the per-minute counts of finished jobs are kept."""
+_OLD_COUNTS = sa.delete(job_counts).where(job_counts.c.minute < db_minute() - COUNTS_KEPT_MINUTES)
+
+
 class Housekept(NamedTuple):
     """What :func:`housekeep` did."""
 
@@ -1026,6 +1037,7 @@ async def housekeep(conn: AsyncConnection) -> Housekept:
     conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
     expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
     unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
+    await conn.execute(_OLD_COUNTS)
     return Housekept(len(headless), int(expired), int(unused))
 
 
@@ -1205,13 +1217,18 @@ def _refs(ids: Sequence[int], uuids: Sequence[str]) -> sa.ColumnElement[bool]:
 
 
 async def failed_page(
-    engine: AsyncEngine, queue: str | None, limit: int
+    engine: AsyncEngine, queue: str | None, limit: int, before: int | None = None
 ) -> tuple[list[FailedRow], int]:
-    """The ``limit`` newest failed jobs (of ``queue``), and how many there are in all."""
+    """The ``limit`` newest failed jobs (of ``queue``; with ids below ``before``), and how many
+    there are in all (of ``queue``)."""
     where = [] if queue is None else [failed_jobs.c.queue == queue]
+    older = [] if before is None else [failed_jobs.c.id < before]
     async with engine.connect() as conn:
         rows = await conn.execute(
-            sa.select(*_FAILED_COLUMNS).where(*where).order_by(failed_jobs.c.id.desc()).limit(limit)
+            sa.select(*_FAILED_COLUMNS)
+            .where(*where, *older)
+            .order_by(failed_jobs.c.id.desc())
+            .limit(limit)
         )
         page = [_failed_row(row) for row in rows]
         total = await conn.execute(
@@ -1490,3 +1507,68 @@ async def stored_revisions(engine: AsyncEngine, tables: Sequence[str]) -> dict[s
             rows = await conn.execute(sa.select(version.c.version_num))
             found[name] = [str(value) for value in rows.scalars()]
         return found
+
+
+# ------------------------------------------------------------------------------- throughput
+#
+# Workers count the jobs they finish in memory and add them to ``job_counts`` every few
+# seconds; the dashboard's chart reads those rows, never jobs or failed_jobs.
+
+
+def _add_counts(dialect_name: str, rows: list[dict[str, Any]]) -> Executable:
+    values = [{**row, "minute": db_minute()} for row in rows]
+    if family(dialect_name) == "mysql":
+        insert = mysql.insert(job_counts).values(values)
+        return insert.on_duplicate_key_update(
+            succeeded=job_counts.c.succeeded + insert.inserted.succeeded,
+            failed=job_counts.c.failed + insert.inserted.failed,
+        )
+    upsert = (postgresql if dialect_name == "postgresql" else sqlite).insert(job_counts)
+    upsert = upsert.values(values)
+    return upsert.on_conflict_do_update(
+        index_elements=[job_counts.c.minute, job_counts.c.queue],
+        set_={
+            "succeeded": job_counts.c.succeeded + upsert.excluded.succeeded,
+            "failed": job_counts.c.failed + upsert.excluded.failed,
+        },
+    )
+
+
+async def record_counts(conn: AsyncConnection, counts: dict[str, tuple[int, int]]) -> None:
+    """Add (succeeded, failed) per queue to the current minute's counts: one statement in
+    autocommit mode (no transaction held across an await: see :func:`housekeep`)."""
+    rows = [
+        {"queue": queue, "succeeded": succeeded, "failed": failed}
+        for queue, (succeeded, failed) in sorted(counts.items())
+    ]
+    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    await conn.execute(_add_counts(conn.dialect.name, rows))
+
+
+class MinuteCounts(NamedTuple):
+    """Jobs finished in one minute (whole minutes since the Unix epoch)."""
+
+    minute: int
+    succeeded: int
+    failed: int
+
+
+async def throughput(
+    engine: AsyncEngine, minutes: int, queue: str | None = None
+) -> tuple[int, list[MinuteCounts]]:
+    """The database's current minute, and the counts of the ``minutes`` up to it that have
+    any (of ``queue``), oldest first."""
+    where = [] if queue is None else [job_counts.c.queue == queue]
+    async with engine.connect() as conn:
+        now = int((await conn.execute(sa.select(db_minute()))).scalar_one())
+        rows = await conn.execute(
+            sa.select(
+                job_counts.c.minute,
+                sa.func.sum(job_counts.c.succeeded),
+                sa.func.sum(job_counts.c.failed),
+            )
+            .where(job_counts.c.minute > now - minutes, *where)
+            .group_by(job_counts.c.minute)
+            .order_by(job_counts.c.minute)
+        )
+        return now, [MinuteCounts(int(m), int(s), int(f)) for m, s, f in rows]
