@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from routemq_outbox import Worker, WorkerSettings, admin, queue, sql
 from routemq_outbox.cli import app as cli_app
 from routemq_outbox.dashboard import create_app
+from routemq_outbox.database import create_engine
+from routemq_outbox.errors import ConfigurationError
 from routemq_outbox.schema import db_now_plus, failed_jobs, job_counts, jobs
 
 from . import jobs as test_jobs
@@ -133,7 +135,7 @@ async def test_every_page_answers_with_what_the_tables_hold(
     assert overview.status_code == 200
     row = re.search(r'<tr data-queue="mail">(.*?)</tr>', overview.text, re.S)
     assert row, overview.text
-    assert re.findall(r'<td class="n">(?:<a [^>]*>)?(\d+)', row[1]) == ["1", "2", "0", "1"]
+    assert re.findall(r'<td class="n">(?:<a [^>]*>)?(\d+)<', row[1])[:4] == ["1", "2", "0", "1"]
     assert "<svg" in overview.text
 
     listed = await client.get("/jobs", params={"queue": "mail"})
@@ -249,9 +251,10 @@ async def test_failed_jobs_are_retried_and_forgotten_one_some_or_all_matching(
     assert flushed.headers["location"] == "/failed?done=forgot&n=2"
     assert await count(engine, failed_jobs) == 0
 
-    gone = await act(client, "/failed", "/failed/action", {"action": "retry", "id": a1})
+    # No failed job left to show a form: the queues page has one, with the same token.
+    gone = await act(client, "/queues", "/failed/action", {"action": "retry", "id": a1})
     assert gone.status_code == 404
-    nothing = await act(client, "/failed", "/failed/action", {"action": "retry"})
+    nothing = await act(client, "/queues", "/failed/action", {"action": "retry"})
     assert nothing.status_code == 400
 
 
@@ -344,8 +347,9 @@ async def test_actions_need_the_token_and_the_same_origin(
 
 
 async def test_each_app_has_its_own_token(engine: AsyncEngine) -> None:
+    await add_failed(engine)
     async with client_of(create_app(engine)) as one, client_of(create_app(engine)) as two:
-        assert csrf_of(await one.get("/queues?done=x")) != csrf_of(await two.get("/queues"))
+        assert csrf_of(await one.get("/failed")) != csrf_of(await two.get("/failed"))
 
 
 async def test_read_only_shows_no_action_and_refuses_every_one(engine: AsyncEngine) -> None:
@@ -392,18 +396,14 @@ async def test_http_basic_guards_every_path(
         ).status_code == 200
 
 
-def test_half_the_credentials_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from routemq_outbox.errors import ConfigurationError
-
+async def test_half_the_credentials_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
     monkeypatch.setenv("ROUTEMQ_OUTBOX_DASHBOARD_USER", "ops")
+    engine = create_engine(sqlite_url)
     with pytest.raises(ConfigurationError, match="PASSWORD"):
-        create_app(sa_engine_stub())
-
-
-def sa_engine_stub() -> AsyncEngine:
-    from routemq_outbox.database import create_engine
-
-    return create_engine("sqlite+aiosqlite:///:memory:")
+        create_app(engine)
+    await engine.dispose()
 
 
 async def test_mounted_under_a_prefix_its_links_and_redirects_keep_it(
