@@ -1016,6 +1016,7 @@ class Housekept(NamedTuple):
     promoted_keys: int
     expired_windows: int
     unused_serial_keys: int
+    old_counts: int
 
 
 async def housekeep(conn: AsyncConnection) -> Housekept:
@@ -1037,8 +1038,9 @@ async def housekeep(conn: AsyncConnection) -> Housekept:
     conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
     expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
     unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
-    await conn.execute(_OLD_COUNTS)
-    return Housekept(len(headless), int(expired), int(unused))
+    # Reading the rowcount closes the result (see record_counts).
+    old_counts = (await conn.execute(_OLD_COUNTS)).rowcount
+    return Housekept(len(headless), int(expired), int(unused), int(old_counts))
 
 
 # ------------------------------------------------------------------------------- operating
@@ -1542,7 +1544,9 @@ async def record_counts(conn: AsyncConnection, counts: dict[str, tuple[int, int]
         for queue, (succeeded, failed) in sorted(counts.items())
     ]
     conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-    await conn.execute(_add_counts(conn.dialect.name, rows))
+    # Closed at once: on SQLite a result left open keeps its statement, and with it the write
+    # lock, until it is collected, however late that is if job code blocks the loop.
+    (await conn.execute(_add_counts(conn.dialect.name, rows))).close()
 
 
 class MinuteCounts(NamedTuple):
