@@ -1521,10 +1521,11 @@ def _add_counts(dialect_name: str, rows: list[dict[str, Any]]) -> Executable:
     values = [{**row, "minute": db_minute()} for row in rows]
     if family(dialect_name) == "mysql":
         insert = mysql.insert(job_counts).values(values)
-        return insert.on_duplicate_key_update(
+        upserted: Executable = insert.on_duplicate_key_update(
             succeeded=job_counts.c.succeeded + insert.inserted.succeeded,
             failed=job_counts.c.failed + insert.inserted.failed,
         )
+        return upserted
     upsert = (postgresql if dialect_name == "postgresql" else sqlite).insert(job_counts)
     upsert = upsert.values(values)
     return upsert.on_conflict_do_update(
