@@ -11,6 +11,7 @@ from .dispatch import Queue, dispatch, dispatch_sync, queue
 from .errors import FailJob, OutboxError, RetryJob
 from .job import Job
 from .schedules import cron, every
+from .schema import DEFAULT_PRIORITY, PRIORITY_MAX, PRIORITY_MIN
 from .worker import Worker, WorkerSettings
 
 try:
@@ -19,6 +20,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a checkout witho
     __version__ = "0.0.0"
 
 __all__ = [
+    "DEFAULT_PRIORITY",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "FailJob",
     "Job",
     "OutboxError",

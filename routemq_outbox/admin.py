@@ -9,10 +9,18 @@ result. Applications can call them too (an admin page, a health endpoint)::
     for counts in await admin.queue_stats(engine):
         print(counts.queue, counts.pending, counts.oldest_due_age)
 
-Queues exist only through their rows: a queue is *known* while a job or a failed job is in it.
-Commands that change something refuse a queue that is not known, and failed-job ids or uuids
-that are not in ``failed_jobs``, and then change nothing at all. Read-only commands report
-zeros for a queue with no rows (an empty queue is normal).
+Queues exist only through their rows: a queue is *known* while a job or a failed job is in it
+(and, for pausing and resuming, while it is paused or a live worker serves it). Commands that
+change something refuse a queue that is not known, job ids that are not in ``jobs`` and
+failed-job ids or uuids that are not in ``failed_jobs`` (:class:`~.errors.UnknownQueue`,
+:class:`~.errors.UnknownJobId`, :class:`~.errors.UnknownFailedJob`, all
+:class:`~.errors.NotFound`), and then change nothing at all. Read-only commands report zeros
+for a queue with no rows (an empty queue is normal).
+
+Priorities go from :data:`PRIORITY_MIN` (0, the default) to :data:`PRIORITY_MAX` (9); a
+lower priority runs first. A cancelled job is not lost: a waiting one moves to ``failed_jobs``
+at once, with a ``Cancelled`` error naming the reason; a running one is asked to stop, and its
+worker cancels ``handle()`` and records it there the same way, without a retry.
 """
 
 from __future__ import annotations
@@ -24,45 +32,74 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, cast
 
 import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import sql
-from .config import notify_enabled, redact
-from .errors import ConfigurationError, UnknownFailedJob, UnknownQueue, brief
+from .config import DEFAULT_CONNECTION, notify_enabled, redact
+from .errors import (
+    Cancelled,
+    ConfigurationError,
+    UnknownFailedJob,
+    UnknownJobId,
+    UnknownQueue,
+    brief,
+)
 from .job import validate_queue_name
 from .migrate import APP_VERSION_TABLE, BRANCH, VERSION_TABLE, head_revision
+from .schema import DEFAULT_PRIORITY, PRIORITY_MAX, PRIORITY_MIN
 from .sql import QueueCounts
 
 __all__ = [
+    "CANCEL_BATCH",
     "DATABASE_ERRORS",
+    "DEFAULT_PRIORITY",
     "MAX_DURATION",
     "MAX_FAILED_ID",
+    "MAX_JOB_ID",
+    "MAX_JOB_PAGE",
     "MAX_LIST_LIMIT",
     "MAX_RETRY_BATCH",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "RETRY_BATCH",
     "THROUGHPUT_MINUTES",
+    "CancelResult",
     "FailedJob",
     "FailedPage",
     "Health",
+    "JobInfo",
+    "JobPage",
     "QueueCounts",
+    "QueueState",
     "Throughput",
+    "WorkerInfo",
+    "cancel_jobs",
+    "cancel_matching",
     "check_health",
     "clear_queue",
     "database_problem",
     "flush_failed",
     "forget_failed",
     "list_failed",
+    "list_jobs",
+    "list_queues",
+    "list_workers",
     "parse_duration",
     "parse_failed_refs",
+    "parse_job_ids",
+    "pause_queue",
     "prune_failed",
     "queue_size",
     "queue_stats",
+    "resume_queue",
     "retry_failed",
+    "run_now",
     "show_failed",
+    "show_job",
     "throughput",
 ]
 
@@ -77,6 +114,13 @@ MAX_FAILED_ID = 2**63 - 1
 MAX_DURATION = 100 * 365 * 86400.0
 """The longest age ``prune_failed`` and ``parse_duration`` take: a century, which keeps
 ``now - age`` within every engine's calendar."""
+
+MAX_JOB_ID = 2**63 - 1
+"""Job ids are 64-bit integers."""
+MAX_JOB_PAGE = 1000
+"""The most jobs ``list_jobs`` returns at once."""
+CANCEL_BATCH = 1000
+"""Jobs cancelled per transaction by ``cancel_matching``."""
 
 DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, OSError)
 """What talking to a database may raise: connection trouble, missing tables, …"""
@@ -393,6 +437,324 @@ def parse_duration(text: str) -> float:
     if seconds > MAX_DURATION:
         raise ValueError(f"invalid duration {text!r}: longer than a century")
     return seconds
+
+
+# ----------------------------------------------------------------------------- jobs
+
+JobState = Literal["pending", "delayed", "running"]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job in ``jobs``: waiting (``pending``: due; ``delayed``: not yet) or ``running`` (a
+    worker holds it until ``reserved_until``, unless its lease is renewed). ``job`` is the job
+    name in the payload (None if unreadable); ``payload`` the stored JSON text."""
+
+    id: int
+    queue: str
+    job: str | None
+    state: JobState
+    priority: int
+    attempts: int
+    available_at: datetime
+    created_at: datetime
+    reserved_until: datetime | None
+    unique_key: str | None
+    serial_key: str | None
+    cancel_requested: bool
+    payload: str
+
+    @classmethod
+    def _of(cls, row: sql.JobRow) -> JobInfo:
+        return cls(
+            id=row.id,
+            queue=row.queue,
+            job=_job_name(row.payload),
+            state=cast(JobState, row.state),
+            priority=row.priority,
+            attempts=row.attempts,
+            available_at=row.available_at,
+            created_at=row.created_at,
+            reserved_until=row.reserved_until,
+            unique_key=row.unique_key,
+            serial_key=row.serial_key,
+            cancel_requested=row.cancel_requested,
+            payload=row.payload,
+        )
+
+    def as_dict(self, *, full: bool = True) -> dict[str, Any]:
+        """For JSON: ``full`` adds the payload (parsed when it is JSON)."""
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "queue": self.queue,
+            "job": self.job,
+            "state": self.state,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "available_at": self.available_at.isoformat(),
+            "created_at": self.created_at.isoformat(),
+            "reserved_until": self.reserved_until and self.reserved_until.isoformat(),
+            "unique_key": self.unique_key,
+            "serial_key": self.serial_key,
+            "cancel_requested": self.cancel_requested,
+        }
+        if full:
+            try:
+                doc["payload"] = json.loads(self.payload)
+            except ValueError:
+                doc["payload"] = self.payload
+        return doc
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """Jobs by ascending id, and the ``after`` of the next page (None: this is the last)."""
+
+    jobs: list[JobInfo]
+    next_after: int | None
+
+
+def _check_id(job_id: object, what: str = "job id") -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= MAX_JOB_ID:
+        raise ConfigurationError(
+            f"{what} must be an integer from 1 to {MAX_JOB_ID}, got {job_id!r}"
+        )
+    return job_id
+
+
+def parse_job_ids(refs: Iterable[str | int]) -> list[int]:
+    """Job ids from text (``"17"``) or integers; anything else is refused, naming it."""
+    ids = []
+    for ref in refs:
+        text = str(ref).strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ConfigurationError(f"{text!r} is not a job id (a positive number)")
+        ids.append(_check_id(int(text)))
+    return ids
+
+
+async def list_jobs(
+    engine: AsyncEngine,
+    *,
+    queue: str | None = None,
+    state: str | None = None,
+    job: str | None = None,
+    text: str | None = None,
+    after: int | None = None,
+    limit: int = 50,
+) -> JobPage:
+    """A page of jobs by ascending id, from the first with an id above ``after``: of ``queue``,
+    in ``state`` (``pending``, ``delayed`` or ``running``; None for all three), named ``job``,
+    whose payload text contains ``text``. Pages by keyset (``after=page.next_after``), so a
+    page costs the same wherever it is in a table of millions."""
+    if not 1 <= limit <= MAX_JOB_PAGE:
+        raise ConfigurationError(f"limit must be from 1 to {MAX_JOB_PAGE}, got {limit}")
+    if state is not None and state not in sql.JOB_STATES:
+        raise ConfigurationError(
+            f"state must be one of {', '.join(sql.JOB_STATES)} (or None for all), got {state!r}"
+        )
+    if queue is not None:
+        validate_queue_name(queue)
+    if after is not None and after != 0:
+        _check_id(after, "after")
+    rows, next_after = await sql.job_page(
+        engine, queue=queue, state=state, job=job, text=text, after=after, limit=limit
+    )
+    return JobPage([JobInfo._of(row) for row in rows], next_after)
+
+
+async def show_job(engine: AsyncEngine, job_id: int) -> JobInfo:
+    """One job, by id (:class:`~.errors.UnknownJobId` if ``jobs`` holds none)."""
+    rows = await sql.jobs_by_id(engine, [_check_id(job_id)])
+    if not rows:
+        raise UnknownJobId(
+            f"jobs has no job with id {job_id}: it may have finished, failed (see failed_jobs) "
+            "or never existed"
+        )
+    return JobInfo._of(rows[0])
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What cancelling did: ``deleted`` waiting jobs (now in failed_jobs as cancelled),
+    ``stopping`` running jobs (their workers were asked to stop them), ``missing`` ids (not
+    in ``jobs``: finished, failed, cancelled already, or never there)."""
+
+    deleted: list[int]
+    stopping: list[int]
+    missing: list[int]
+
+
+def _cancel_exception(reason: str | None) -> str:
+    message = "cancelled by an operator" + (f": {reason}" if reason else "")
+    return f"{Cancelled.__module__}.{Cancelled.__qualname__}: {message}"
+
+
+async def cancel_jobs(
+    engine: AsyncEngine, ids: Sequence[int], *, reason: str | None = None
+) -> CancelResult:
+    """Cancel jobs by id, in one transaction. Waiting ones move to ``failed_jobs`` with the
+    error ``Cancelled`` (and ``reason``); running ones are asked to stop: their worker cancels
+    ``handle()`` within about a second and records the job the same way, with no retry."""
+    wanted = [_check_id(i) for i in ids]
+    if not wanted:
+        raise ConfigurationError("give the ids of the jobs to cancel")
+    outcome = await sql.cancel_jobs(
+        engine, wanted, exception=_cancel_exception(reason), connection=DEFAULT_CONNECTION
+    )
+    return CancelResult(outcome.deleted, outcome.stopping, outcome.missing)
+
+
+async def cancel_matching(
+    engine: AsyncEngine, *, queue: str, job: str | None = None, reason: str | None = None
+) -> CancelResult:
+    """Cancel every job of ``queue`` (named ``job``) there when the call began, as
+    :func:`cancel_jobs` does, :data:`CANCEL_BATCH` per transaction."""
+    await _require_queue(engine, queue)
+    up_to = await sql.newest_job_id(engine)
+    deleted: list[int] = []
+    stopping: list[int] = []
+    after = 0
+    while True:
+        ids = await sql.job_ids_matching(engine, queue, job, after, CANCEL_BATCH)
+        ids = [i for i in ids if i <= up_to]
+        if not ids:
+            break
+        outcome = await sql.cancel_jobs(
+            engine, ids, exception=_cancel_exception(reason), connection=DEFAULT_CONNECTION
+        )
+        deleted += outcome.deleted
+        stopping += outcome.stopping
+        after = ids[-1]
+    return CancelResult(deleted, stopping, [])
+
+
+async def run_now(engine: AsyncEngine, ids: Sequence[int]) -> list[int]:
+    """Make waiting jobs due now; returns their ids (running ones are left alone). If any id
+    is not in ``jobs``, raises :class:`~.errors.UnknownJobId` naming them, and changes
+    nothing."""
+    wanted = [_check_id(i) for i in ids]
+    if not wanted:
+        raise ConfigurationError("give the ids of the jobs to run now")
+    made_due, missing = await sql.run_now(engine, wanted)
+    if missing:
+        raise UnknownJobId(
+            f"jobs has no job with id {', '.join(map(str, missing))}: nothing was changed"
+        )
+    return made_due
+
+
+# ----------------------------------------------------------------------------- queue states
+
+
+async def pause_queue(engine: AsyncEngine, queue: str) -> None:
+    """Pause ``queue``: workers stop claiming its jobs (within their ``--sleep``, at once on
+    PostgreSQL with LISTEN) and finish those they hold. It stays paused, across worker
+    restarts, until :func:`resume_queue`. A queue that is not known yet (no jobs, failed
+    jobs, or live worker serving it) is refused, as a likely typo."""
+    validate_queue_name(queue)
+    if queue not in await sql.paused_queue_names(engine) and not await _served(engine, queue):
+        await _require_queue(engine, queue)
+    await sql.pause_queue(engine, queue, notify=True)
+
+
+async def resume_queue(engine: AsyncEngine, queue: str) -> None:
+    """Resume a paused ``queue`` (a queue that is not paused is left as it is)."""
+    validate_queue_name(queue)
+    if not await sql.resume_queue(engine, queue, notify=True) and not await _served(engine, queue):
+        await _require_queue(engine, queue)
+
+
+async def _served(engine: AsyncEngine, queue: str) -> bool:
+    return any(w.alive and queue in w.queues for w in await sql.worker_rows(engine))
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue's state and counts: ``pending`` (due), ``delayed``, ``running``, ``failed``,
+    and how long its oldest due job has waited, in seconds (None: none is due)."""
+
+    name: str
+    paused: bool
+    pending: int
+    delayed: int
+    running: int
+    failed: int
+    oldest_due_age: float | None
+
+
+async def list_queues(engine: AsyncEngine) -> list[QueueState]:
+    """Every queue with jobs, failed jobs or a pause, by name."""
+    paused = await sql.paused_queue_names(engine)
+    counts = {c.queue: c for c in await sql.queue_counts(engine)}
+    for name in paused - counts.keys():
+        counts[name] = QueueCounts(name)
+    return [
+        QueueState(
+            name=name,
+            paused=name in paused,
+            pending=c.pending,
+            delayed=c.delayed,
+            running=c.reserved,
+            failed=c.failed,
+            oldest_due_age=c.oldest_due_age,
+        )
+        for name, c in sorted(counts.items())
+    ]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker process: where it runs, what it serves, and whether it is alive (it renewed
+    its row within its lease time); ``running`` holds the ids of the jobs it holds."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    version: str
+    started_at: datetime
+    last_seen: datetime
+    alive: bool
+    running: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON."""
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "queues": self.queues,
+            "concurrency": self.concurrency,
+            "version": self.version,
+            "started_at": self.started_at.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+            "alive": self.alive,
+            "running": self.running,
+        }
+
+
+async def list_workers(engine: AsyncEngine) -> list[WorkerInfo]:
+    """Live workers (oldest first), then gone ones not yet pruned (latest seen first)."""
+    return [
+        WorkerInfo(
+            id=w.id,
+            host=w.host,
+            pid=w.pid,
+            queues=w.queues,
+            concurrency=w.concurrency,
+            version=w.version,
+            started_at=w.started_at,
+            last_seen=w.last_seen,
+            alive=w.alive,
+            running=w.running,
+        )
+        for w in await sql.worker_rows(engine)
+    ]
 
 
 # ----------------------------------------------------------------------------- health

@@ -28,7 +28,7 @@ from .config import DEFAULT_CONNECTION, max_payload_bytes, notify_enabled
 from .database import connection_engine, connection_sync_engine
 from .errors import MAX_DELAY_SECONDS, InvalidDelay
 from .faults import is_deadlock
-from .job import Job, encode_payload, job_data, validate_queue_name
+from .job import Job, check_priority, encode_payload, job_data, validate_queue_name
 from .keys import NO_KEYS, JobKeys, job_keys
 
 __all__ = [
@@ -125,10 +125,13 @@ class _Insert:
     rows: list[tuple[str, str]]
     available: sql.Availability
     keys: list[JobKeys] | None = None  # None: no job has a key
+    priorities: list[int] | None = None  # one per row; None: all 0
 
     def statement(self, dialect_name: str) -> sql.Statement:
         notify = sql.family(dialect_name) == "postgresql" and notify_enabled()
-        return sql.insert_jobs(dialect_name, self.rows, self.available, notify=notify)
+        return sql.insert_jobs(
+            dialect_name, self.rows, self.available, notify=notify, priorities=self.priorities
+        )
 
     def steps(self, dialect_name: str) -> Any:
         """The keyed insert: a generator of statements, returning one Inserted per row."""
@@ -138,9 +141,10 @@ class _Insert:
         if len(set(serial)) > 1:
             yield sql.lock_serial_keys(dialect_name, serial)
         done: list[sql.Inserted] = []
-        for (queue, payload), keys in zip(self.rows, self.keys, strict=True):
+        priorities = self.priorities or [0] * len(self.rows)
+        for (queue, payload), keys, priority in zip(self.rows, self.keys, priorities, strict=True):
             inserted = yield from sql.insert_keyed(
-                dialect_name, queue, payload, keys, self.available, notify=notify
+                dialect_name, queue, payload, keys, self.available, notify=notify, priority=priority
             )
             done.append(inserted)
         return done
@@ -163,14 +167,18 @@ def _insert(
     delay: Delay | None,
     unique_key: str | None = None,
     serial_key: str | None = None,
+    priority: int | None = None,
 ) -> _Insert:
     """Validate and serialise everything up front: bad input raises before any I/O."""
     if queue is not None:
         validate_queue_name(queue)
+    if priority is not None:
+        check_priority(priority)
     limit = max_payload_bytes()
     valid: set[str] = set() if queue is None else {queue}
     rows = []
     keys: list[JobKeys] = []
+    priorities: list[int] = []
     keyed = False
     for job in jobs:
         payload = encode_payload(job, max_bytes=limit)
@@ -178,10 +186,12 @@ def _insert(
         if not isinstance(name, str) or name not in valid:  # each distinct name once
             valid.add(validate_queue_name(name))
         rows.append((name, payload))
+        priorities.append(job.priority if priority is None else priority)
         found = job_keys(job, job_data, unique_key, serial_key)
         keyed = keyed or found is not NO_KEYS
         keys.append(found)
-    return _Insert(rows, _availability(delay), keys if keyed else None)
+    ranked = priorities if any(priorities) else None
+    return _Insert(rows, _availability(delay), keys if keyed else None, ranked)
 
 
 async def _drive_async(conn: AsyncConnection, steps: Any) -> list[sql.Inserted]:
@@ -373,10 +383,12 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> DispatchResult | None:
         """Put ``job`` on ``queue`` (default: the job's own queue), due now. Returns None, or
-        for a job with a key, a :class:`DispatchResult`."""
-        return await _push_async(_insert([job], queue, None), session, connection)
+        for a job with a key, a :class:`DispatchResult`. ``priority`` overrides the job's."""
+        insert = _insert([job], queue, None, priority=priority)
+        return await _push_async(insert, session, connection)
 
     async def later(
         self,
@@ -386,9 +398,11 @@ class Queue:
         queue: str | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> DispatchResult | None:
         """Put ``job`` on the queue, due after ``delay`` (seconds, timedelta or aware datetime)."""
-        return await _push_async(_insert([job], queue, delay), session, connection)
+        insert = _insert([job], queue, delay, priority=priority)
+        return await _push_async(insert, session, connection)
 
     async def bulk(
         self,
@@ -398,12 +412,14 @@ class Queue:
         delay: Delay | None = None,
         session: AsyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> BulkResult | None:
         """Put many jobs on the queue in one statement. All or none are inserted.
 
         When some of the jobs have unique or serial keys, they are inserted one by one (in
-        the same transaction), duplicates are skipped, and a :class:`BulkResult` says which."""
-        with _sending(_insert(jobs, queue, delay)) as insert:
+        the same transaction), duplicates are skipped, and a :class:`BulkResult` says which.
+        ``priority`` overrides each job's own."""
+        with _sending(_insert(jobs, queue, delay, priority=priority)) as insert:
             if insert.keys is not None:
                 return _bulk(await _keyed_async(insert, session, connection))
             if insert.rows:
@@ -427,9 +443,10 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> DispatchResult | None:
         """:meth:`push` for a blocking ``Session`` / ``Connection``."""
-        return _push_sync(_insert([job], queue, None), session, connection)
+        return _push_sync(_insert([job], queue, None, priority=priority), session, connection)
 
     def later_sync(
         self,
@@ -439,9 +456,10 @@ class Queue:
         queue: str | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> DispatchResult | None:
         """:meth:`later` for a blocking ``Session`` / ``Connection``."""
-        return _push_sync(_insert([job], queue, delay), session, connection)
+        return _push_sync(_insert([job], queue, delay, priority=priority), session, connection)
 
     def bulk_sync(
         self,
@@ -451,9 +469,10 @@ class Queue:
         delay: Delay | None = None,
         session: SyncTarget | None = None,
         connection: str | None = None,
+        priority: int | None = None,
     ) -> BulkResult | None:
         """:meth:`bulk` for a blocking ``Session`` / ``Connection``."""
-        with _sending(_insert(jobs, queue, delay)) as insert:
+        with _sending(_insert(jobs, queue, delay, priority=priority)) as insert:
             if insert.keys is not None:
                 return _bulk(_keyed_sync(insert, session, connection))
             if insert.rows:
@@ -482,8 +501,10 @@ async def dispatch(
     connection: str | None = None,
     unique_key: str | None = None,
     serial_key: str | None = None,
+    priority: int | None = None,
 ) -> DispatchResult | None:
-    """Put ``job`` on its own queue (``job.queue``), optionally after ``delay``.
+    """Put ``job`` on its own queue (``job.queue``), optionally after ``delay``, with the
+    job's ``priority`` or the one given (0 to 9; lower runs first).
 
     Pass ``session=`` to dispatch inside your transaction: the job then exists if and only if
     that transaction commits.
@@ -493,7 +514,7 @@ async def dispatch(
     ``serial_key=``) returns a :class:`DispatchResult`: its id, or, if an equal job holds
     the unique key, that job's id with ``duplicate`` True (and nothing inserted).
     """
-    insert = _insert([job], None, delay, unique_key, serial_key)
+    insert = _insert([job], None, delay, unique_key, serial_key, priority)
     return await _push_async(insert, session, connection)
 
 
@@ -505,9 +526,11 @@ def dispatch_sync(
     connection: str | None = None,
     unique_key: str | None = None,
     serial_key: str | None = None,
+    priority: int | None = None,
 ) -> DispatchResult | None:
     """:func:`dispatch` for a blocking ``Session`` / ``Connection``."""
-    return _push_sync(_insert([job], None, delay, unique_key, serial_key), session, connection)
+    insert = _insert([job], None, delay, unique_key, serial_key, priority)
+    return _push_sync(insert, session, connection)
 
 
 async def insert_payloads(

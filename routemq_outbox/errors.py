@@ -26,8 +26,10 @@ The tree::
     ├── DatabaseNotReady            the database cannot serve the queue (e.g. not migrated)
     ├── RetryJob                    raised by handle() to ask for another attempt later
     ├── FailJob                     raised by handle() to fail the job now, without more attempts
+    ├── Cancelled                   an operator cancelled the job (what failed_jobs records)
     └── NotFound                    an operator command named something that is not there
         ├── UnknownQueue            (also a LookupError) no job or failed job is in that queue
+        ├── UnknownJobId            (also a LookupError) ids the jobs table does not hold
         ├── UnknownFailedJob        (also a LookupError) ids or uuids failed_jobs does not hold
         └── UnknownSchedule         (also a LookupError) no imported job has that schedule
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_DELAY_SECONDS",
     "BrokerRejected",
+    "Cancelled",
     "ConfigurationError",
     "DatabaseNotReady",
     "DispatchError",
@@ -64,6 +67,7 @@ __all__ = [
     "RetryJob",
     "UnknownFailedJob",
     "UnknownJob",
+    "UnknownJobId",
     "UnknownQueue",
     "UnknownSchedule",
     "UnserializableJob",
@@ -200,12 +204,20 @@ class FailJob(OutboxError):
         super().__init__(message or "the job asked to fail")
 
 
+class Cancelled(OutboxError):
+    """The job was cancelled by an operator."""
+
+
 class NotFound(OutboxError):
     """Nothing by that name is there."""
 
 
 class UnknownQueue(NotFound, LookupError):
     """No job or failed job is in that queue."""
+
+
+class UnknownJobId(NotFound, LookupError):
+    """The jobs table holds no job with that id (it may have finished, failed or never been)."""
 
 
 class UnknownFailedJob(NotFound, LookupError):

@@ -16,7 +16,15 @@ from enum import Enum
 from typing import NamedTuple
 
 from . import tracing
-from .errors import FailJob, JobConstructionError, JobLoadError, JobTimeout, LeaseExpired, RetryJob
+from .errors import (
+    Cancelled,
+    FailJob,
+    JobConstructionError,
+    JobLoadError,
+    JobTimeout,
+    LeaseExpired,
+    RetryJob,
+)
 from .job import Job, check_retry_delay, decode_payload, instantiate
 from .sql import Claimed
 from .threads import ThreadRunner
@@ -26,6 +34,7 @@ __all__ = [
     "Attempt",
     "Outcome",
     "Verdict",
+    "cancelled",
     "cancelled_from_outside",
     "describe",
     "judge_expired",
@@ -167,6 +176,7 @@ class Attempt:
     __slots__ = (
         "abandon_at",
         "abandoned",
+        "cancel_requested",
         "claimed",
         "deadline",
         "job",
@@ -184,6 +194,7 @@ class Attempt:
         self.abandon_at = math.inf
         self.timed_out = False
         self.abandoned = False
+        self.cancel_requested = False  # an operator cancelled the job
 
     def expire(self, now: float, cancel_wait: float) -> None:
         """Cancel the attempt if its deadline has passed (the watchdog calls this)."""
@@ -197,6 +208,12 @@ class Attempt:
         if self.task is not None and not self.task.done():
             self.abandon_at = min(self.abandon_at, time.monotonic() + cancel_wait)
             self.task.cancel()
+
+    def stop(self, cancel_wait: float) -> None:
+        """An operator cancelled the job: cancel the attempt, which then fails for good."""
+        if not self.cancel_requested and not self.timed_out:
+            self.cancel_requested = True
+            self.cancel(cancel_wait)
 
     def stuck(self, now: float) -> bool:
         """Cancelled, yet still running past ``abandon_at``: job code swallowed the cancel."""
@@ -278,6 +295,8 @@ async def _run(
         else:
             await _call(job.handle, False, threads)
     except asyncio.CancelledError as exc:
+        if attempt.cancel_requested and task.uncancel() == 0:
+            return cancelled(job, time.perf_counter() - started, exc)
         if attempt.timed_out and task.uncancel() == 0:
             error = JobTimeout(
                 f"attempt {claimed.attempts} ran longer than its {limit:g} s timeout"
@@ -296,9 +315,18 @@ async def _run(
         return _after_failure(job, claimed, tries, exc, started)
     finally:
         attempt.deadline = math.inf  # writing down the outcome is never cut short
-    if attempt.timed_out:
+    if attempt.timed_out or attempt.cancel_requested:
         task.uncancel()  # the job swallowed our cancellation and finished anyway
     return Outcome(Verdict.DONE, job, None, None, time.perf_counter() - started, tries)
+
+
+def cancelled(
+    job: Job | None, duration: float = 0.0, cause: BaseException | None = None
+) -> Outcome:
+    """The outcome of a job an operator cancelled: failed, with no more attempts."""
+    error = Cancelled("cancelled by an operator" + (" while running" if cause else ""))
+    error.__cause__ = cause
+    return Outcome(Verdict.FAIL, job, error, None, duration)
 
 
 def timed_out(attempt: Attempt, max_tries: int | None) -> Outcome:

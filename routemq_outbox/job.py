@@ -38,7 +38,7 @@ from .errors import (
 )
 from .keys import KEY_SETTINGS, check_key_settings
 from .schedules import Schedule
-from .schema import QUEUE_NAME_MAX, SCHEDULE_NAME_MAX
+from .schema import PRIORITY_MAX, PRIORITY_MIN, QUEUE_NAME_MAX, SCHEDULE_NAME_MAX
 
 __all__ = [
     "MAX_DELAY_SECONDS",
@@ -47,6 +47,7 @@ __all__ = [
     "SETTINGS",
     "Decoded",
     "Job",
+    "check_priority",
     "check_retry_delay",
     "decode_payload",
     "encode_payload",
@@ -69,6 +70,7 @@ SETTINGS = frozenset(
         "backoff_max",
         "job_name",
         "schedule",
+        "priority",
         *KEY_SETTINGS,
     }
 )
@@ -108,6 +110,15 @@ def validate_queue_name(name: object) -> str:
     return name
 
 
+def check_priority(priority: object) -> int:
+    """Return ``priority`` if it is one (an integer from 0 to 9), else raise
+    :class:`InvalidJobSetting` saying so."""
+    problem = _setting_problem("priority", priority)
+    if problem:
+        raise InvalidJobSetting(f"priority {problem}")
+    return priority  # type: ignore[return-value]
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -118,6 +129,13 @@ def _setting_problem(name: str, value: Any) -> str | None:
     if name == "max_tries":
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         return None if ok else f"must be an integer >= 1, got {value!r}"
+    if name == "priority":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = ok and PRIORITY_MIN <= value <= PRIORITY_MAX
+        first, last = PRIORITY_MIN, PRIORITY_MAX
+        return (
+            None if ok else f"must be an integer from {first} (runs first) to {last}, got {value!r}"
+        )
     if name == "backoff":
         ok = isinstance(value, str) and value in ("fixed", "exponential")
         return None if ok else f"must be 'fixed' or 'exponential', got {value!r}"
@@ -156,6 +174,7 @@ class Job:
             max_tries = 3             # attempts before it moves to failed_jobs
             timeout = 60              # seconds one attempt may take
             retry_after = 10          # seconds before the next attempt
+            priority = 0              # 0 (the default) runs first, then 1, ... 9
 
             async def handle(self) -> None: ...
             async def failed(self, exc: BaseException) -> None: ...  # optional
@@ -183,6 +202,7 @@ class Job:
     retry_after: float = 10
     backoff: str = "fixed"
     backoff_max: float = 3600
+    priority: int = 0
     schedule: ClassVar[Schedule | None] = None
     unique_by: ClassVar[tuple[str, ...] | None] = None
     unique_while: ClassVar[str] = "queued"

@@ -238,5 +238,7 @@ async def run_now(engine: AsyncEngine, name: str, *, notify: bool) -> datetime:
         now = await sql.database_now(conn)
         job = cls()
         payload = encode_payload(job, max_bytes=max_payload_bytes(), scheduled_at=now)
-        await sql.insert_one(conn, cls.queue, payload, job_keys(job, job_data), notify=notify)
+        await sql.insert_one(
+            conn, cls.queue, payload, job_keys(job, job_data), notify=notify, priority=cls.priority
+        )
     return now

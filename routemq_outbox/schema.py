@@ -23,9 +23,12 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "KEY_MAX",
     "MYSQL_DIALECTS",
     "PARKED_AT",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "QUEUE_NAME_MAX",
     "SCHEDULE_NAME_MAX",
     "Payload",
@@ -38,15 +41,22 @@ __all__ = [
     "job_counts",
     "jobs",
     "metadata",
+    "paused_queues",
     "schedule_slots",
     "seconds_since",
     "serial_keys",
     "statement_now",
     "statement_now_plus",
     "unique_windows",
+    "workers",
 ]
 
 QUEUE_NAME_MAX = 255
+PRIORITY_MIN = 0
+PRIORITY_MAX = 9
+"""A job's priority is from PRIORITY_MIN to PRIORITY_MAX; lower runs first."""
+DEFAULT_PRIORITY = PRIORITY_MIN
+"""The priority of a job that names none: it runs before all others."""
 SCHEDULE_NAME_MAX = 255
 KEY_MAX = 255
 """The longest unique or serial key, in characters."""
@@ -330,6 +340,11 @@ jobs = sa.Table(
     sa.Column("unique_key", sa.String(_STORED_KEY_MAX), nullable=True),
     sa.Column("serial_key", sa.String(KEY_MAX), nullable=True),
     sa.Column("serial_due_at", UTCDateTime(), nullable=True),
+    sa.Column("priority", sa.SmallInteger(), nullable=False, server_default=sa.text("0")),
+    # Set by an operator on a running job: its worker stops it and records it as cancelled.
+    sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # The worker that holds the job (the ``workers`` row), while reserved; stale otherwise.
+    sa.Column("worker_id", sa.String(36), nullable=True),
     sa.CheckConstraint("queue <> ''", name="queue_not_empty"),
     sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     sa.CheckConstraint(
@@ -337,27 +352,33 @@ jobs = sa.Table(
         " OR (reserved_at IS NOT NULL AND token IS NOT NULL AND lease_expires_at IS NOT NULL)",
         name="reservation_complete",
     ),
+    sa.CheckConstraint(
+        f"priority >= {PRIORITY_MIN} AND priority <= {PRIORITY_MAX}", name="priority_range"
+    ),
     sqlite_autoincrement=True,
     **_MYSQL_TABLE,
 )
 
-# The claim reads only pending rows in (available_at, id) order within a queue; the partial
-# index holds exactly those rows, so claiming stays cheap however many are reserved.
+# The claim reads only pending rows of a queue, one priority level at a time, each in
+# (available_at, id) order; the partial index holds exactly those rows, so claiming stays
+# cheap however many are reserved, and a level's delayed rows are never read to reach the next.
 sa.Index(
-    "ix_jobs_claim",
+    "ix_jobs_claim_by_priority",
     jobs.c.queue,
+    jobs.c.priority,
     jobs.c.available_at,
     jobs.c.id,
     postgresql_where=jobs.c.reserved_at.is_(None),
     sqlite_where=jobs.c.reserved_at.is_(None),
 ).ddl_if(callable_=_only_on("postgresql", "sqlite"))
 # MySQL and MariaDB have no partial indexes. With reserved_at as the second column, the
-# pending rows of a queue are still one contiguous range in (available_at, id) order, so the
-# claim reads (and locks) only the rows it takes, never the reserved ones, and needs no sort.
+# pending rows of a queue and priority are still one contiguous range in (available_at, id)
+# order, so the claim reads (and locks) only the rows it takes, never the reserved ones.
 sa.Index(
-    "ix_jobs_claim_mysql",
+    "ix_jobs_claim_by_priority_mysql",
     jobs.c.queue,
     jobs.c.reserved_at,
+    jobs.c.priority,
     jobs.c.available_at,
     jobs.c.id,
 ).ddl_if(callable_=_only_on(*MYSQL_DIALECTS))
@@ -406,6 +427,8 @@ failed_jobs = sa.Table(
     sa.Column("attempts", sa.Integer(), nullable=False),
     sa.Column("job_id", sa.BigInteger(), nullable=True),
     sa.Column("failed_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    # The job's priority, which a retry gives it back.
+    sa.Column("priority", sa.SmallInteger(), nullable=False, server_default=sa.text("0")),
     sqlite_autoincrement=True,
     **_MYSQL_TABLE,
 )
@@ -451,6 +474,35 @@ serial_keys = sa.Table(
     sa.Column("serial_key", sa.String(KEY_MAX), primary_key=True),
     **_MYSQL_TABLE,
 )
+
+# A queue is paused while it has a row here: workers claim none of its jobs. In the database,
+# so that it holds across worker restarts and for workers that start later.
+paused_queues = sa.Table(
+    "paused_queues",
+    metadata,
+    sa.Column("queue", sa.String(QUEUE_NAME_MAX), primary_key=True),
+    sa.Column("paused_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    **_MYSQL_TABLE,
+)
+
+# One row per worker process, written when it starts and refreshed with its leases
+# (``last_seen``); a worker silent for longer than its lease is gone, and workers delete the
+# rows of those silent for long.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("queues", _LongText, nullable=False),  # a JSON array of names, in claim order
+    sa.Column("concurrency", sa.Integer(), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("lease", sa.Float(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False, server_default=db_now()),
+    sa.Column("last_seen", UTCDateTime(), nullable=False, server_default=db_now()),
+    **_MYSQL_TABLE,
+)
+sa.Index("ix_workers_last_seen", workers.c.last_seen)
 
 
 # Jobs finished per queue and minute (of the database clock), for the dashboard's throughput

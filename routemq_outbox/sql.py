@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import uuid
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,8 @@ from .errors import DispatchError
 from .keys import NO_KEYS, UNIQUE_QUEUED, JobKeys
 from .schema import (
     PARKED_AT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     Payload,
     UTCDateTime,
     db_minute,
@@ -47,27 +50,35 @@ from .schema import (
     failed_jobs,
     job_counts,
     jobs,
+    paused_queues,
     schedule_slots,
     seconds_since,
     serial_keys,
     statement_now,
     statement_now_plus,
     unique_windows,
+    workers,
 )
 
 __all__ = [
+    "CONTROL_CHANNEL",
     "COUNTS_KEPT_MINUTES",
     "NOTIFY_CHANNEL",
+    "CancelOutcome",
     "Claimed",
     "FailedRecord",
     "FailedRow",
     "Housekept",
     "Inserted",
+    "JobRow",
     "KeyedSteps",
     "LatestSlot",
     "MinuteCounts",
     "QueueCounts",
     "Taken",
+    "WorkerRow",
+    "cancel_jobs",
+    "cancel_requested_ids",
     "claim",
     "claim_statement_text",
     "clear_queue",
@@ -87,30 +98,45 @@ __all__ = [
     "insert_jobs",
     "insert_keyed",
     "insert_one",
+    "job_ids_matching",
+    "job_page",
+    "jobs_by_id",
     "jobs_statement",
     "known_queues",
     "latest_slots",
     "lock_serial_keys",
     "move_to_failed",
     "newest_failed_id",
+    "newest_job_id",
+    "pause_queue",
+    "paused_queue_names",
     "prune_failed",
     "prune_slots",
+    "prune_workers",
     "queue_counts",
     "queue_counts_statement",
     "queue_exists",
     "queue_size",
     "record_counts",
+    "register_worker",
     "release",
+    "remove_worker",
     "rescue_expired",
+    "resume_queue",
     "retry_failed",
     "retry_failed_batch",
+    "run_now",
     "run_steps",
     "size_statement",
     "stored_revisions",
     "throughput",
+    "touch_worker",
+    "worker_rows",
 ]
 
 NOTIFY_CHANNEL = "routemq_outbox"
+CONTROL_CHANNEL = "routemq_outbox_control"
+"""Where PostgreSQL workers hear that a queue was paused or resumed (its name the payload)."""
 
 _T = TypeVar("_T")
 
@@ -175,10 +201,11 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
             .render_derived(name="source")
         )
         stmt: Any = sa.insert(jobs).from_select(
-            ["queue", "payload", "available_at", "created_at"],
+            ["queue", "payload", "priority", "available_at", "created_at"],
             sa.select(
                 source.c.item.op("->>", return_type=sa.String())(0),
                 source.c.item.op("->", return_type=Payload())(1),
+                sa.cast(source.c.item.op("->>", return_type=sa.String())(2), sa.SmallInteger()),
                 available_at,
                 statement_now(),
             ).order_by(source.c.position),
@@ -190,6 +217,7 @@ def _insert_statement(kind: str, many: bool, when: str, notify: bool) -> Any:
             .values(
                 queue=sa.bindparam("queue", type_=sa.String()),
                 payload=sa.bindparam("payload", type_=Payload()),
+                priority=sa.bindparam("priority", type_=sa.SmallInteger()),
                 available_at=available_at,
                 created_at=statement_now(),
             )
@@ -206,10 +234,12 @@ def insert_jobs(
     available: Availability,
     *,
     notify: bool,
+    priorities: Sequence[int] | None = None,
 ) -> Statement:
     """The statement inserting ``rows`` of (queue, payload JSON text), whatever their number,
-    and its parameters: one set, or a list of sets to run as an executemany in the caller's
-    transaction (all or nothing, like one statement).
+    with ``priorities`` (one per row; None: all 0), and its parameters: one set, or a list of
+    sets to run as an executemany in the caller's transaction (all or nothing, like one
+    statement).
 
     PostgreSQL gets ``INSERT … SELECT … FROM jsonb_array_elements(…)`` for many rows, and (with
     ``notify``) the ``pg_notify`` in the same statement, so a dispatch costs one round trip.
@@ -223,24 +253,35 @@ def insert_jobs(
     extra = _available_params(available)
     many = len(rows) > 1
     stmt = _insert_statement(kind, many, _when(available), notify and kind == "postgresql")
+    ranks = [0] * len(rows) if priorities is None else priorities
     if kind == "mysql":
-        items = [json.dumps(row, ensure_ascii=False) for row in rows]
+        items = [
+            json.dumps([queue, payload, rank], ensure_ascii=False)
+            for (queue, payload), rank in zip(rows, ranks, strict=True)
+        ]
         chunks = [{"rows": chunk, **extra} for chunk in _json_arrays(items)]
         return stmt, chunks[0] if len(chunks) == 1 else chunks
     if kind == "postgresql" and many:
         queues = {queue: json.dumps(queue, ensure_ascii=False) for queue in {q for q, _ in rows}}
-        items = [f"[{queues[queue]},{payload}]" for queue, payload in rows]
+        items = [
+            f"[{queues[queue]},{payload},{rank}]"
+            for (queue, payload), rank in zip(rows, ranks, strict=True)
+        ]
         chunks = [{"items": chunk, **extra} for chunk in _json_arrays(items)]
         return stmt, chunks[0] if len(chunks) == 1 else chunks
     if not many:
-        return stmt, {"queue": rows[0][0], "payload": rows[0][1], **extra}
-    return stmt, [{"queue": queue, "payload": payload, **extra} for queue, payload in rows]
+        return stmt, {"queue": rows[0][0], "payload": rows[0][1], "priority": ranks[0], **extra}
+    return stmt, [
+        {"queue": queue, "payload": payload, "priority": rank, **extra}
+        for (queue, payload), rank in zip(rows, ranks, strict=True)
+    ]
 
 
 # The rows of a MySQL dispatch, as a table: position keeps the order of ids.
 _JSON_ROWS = sa.text(
     "JSON_TABLE(:rows, '$[*]' COLUMNS (position FOR ORDINALITY, "
-    "queue VARCHAR(255) PATH '$[0]', payload LONGTEXT PATH '$[1]')) AS source"
+    "queue VARCHAR(255) PATH '$[0]', payload LONGTEXT PATH '$[1]', "
+    "priority SMALLINT PATH '$[2]')) AS source"
 ).bindparams(sa.bindparam("rows", type_=sa.Text()))
 # Bytes of rows per statement: MariaDB's max_allowed_packet is 16 MiB by default, and
 # PostgreSQL refuses a JSONB value over 256 MiB, which a JSON text of small numbers reaches at
@@ -254,13 +295,16 @@ def _insert_from_json(available_at: sa.ColumnElement[datetime]) -> sa.Insert:
         sa.select(
             sa.literal_column("source.queue", sa.String()),
             sa.literal_column("source.payload", sa.Text()),
+            sa.literal_column("source.priority", sa.SmallInteger()),
             available_at,
             statement_now(),
         )
         .select_from(_JSON_ROWS)
         .order_by(sa.literal_column("source.position"))
     )
-    return sa.insert(jobs).from_select(["queue", "payload", "available_at", "created_at"], source)
+    return sa.insert(jobs).from_select(
+        ["queue", "payload", "priority", "available_at", "created_at"], source
+    )
 
 
 def _json_arrays(items: Sequence[str]) -> Iterator[str]:
@@ -377,6 +421,7 @@ def _keyed_insert(kind: str, when: str, parked: bool) -> Any:
     values: dict[str, Any] = {
         "queue": sa.bindparam("queue", type_=sa.String()),
         "payload": sa.bindparam("payload", type_=Payload()),
+        "priority": sa.bindparam("priority", type_=sa.SmallInteger()),
         "available_at": sa.literal(PARKED_AT, UTCDateTime()) if parked else due,
         "serial_due_at": due if parked else sa.null(),
         "created_at": statement_now(),
@@ -423,6 +468,7 @@ def insert_keyed(
     available: Availability,
     *,
     notify: bool,
+    priority: int = 0,
 ) -> KeyedSteps:
     """The steps inserting one job with keys, in the caller's transaction."""
     kind = family(dialect_name)
@@ -434,6 +480,7 @@ def insert_keyed(
     params = {
         "queue": queue,
         "payload": payload,
+        "priority": priority,
         "unique_key": keys.unique_key,
         "serial_key": keys.serial_key,
         **_available_params(available),
@@ -482,15 +529,28 @@ async def run_steps(conn: AsyncConnection, steps: Generator[Statement, Any, _T])
 
 
 async def insert_one(
-    conn: AsyncConnection, queue: str, payload: str, keys: JobKeys, *, notify: bool
+    conn: AsyncConnection,
+    queue: str,
+    payload: str,
+    keys: JobKeys,
+    *,
+    notify: bool,
+    priority: int = 0,
 ) -> Inserted | None:
     """Insert one job due now, through the keyed steps when it has keys (then returning what
     they did), else the plain insert."""
     if keys.unique_key is None and keys.serial_key is None:
-        await conn.execute(*insert_jobs(conn.dialect.name, [(queue, payload)], None, notify=notify))
+        await conn.execute(
+            *insert_jobs(
+                conn.dialect.name, [(queue, payload)], None, notify=notify, priorities=[priority]
+            )
+        )
         return None
     return await run_steps(
-        conn, insert_keyed(conn.dialect.name, queue, payload, keys, None, notify=notify)
+        conn,
+        insert_keyed(
+            conn.dialect.name, queue, payload, keys, None, notify=notify, priority=priority
+        ),
     )
 
 
@@ -498,7 +558,8 @@ async def insert_one(
 
 
 class Claimed(NamedTuple):
-    """A job row a worker now holds under ``token``; ``attempts`` counts this attempt."""
+    """A job row a worker now holds under ``token``; ``attempts`` counts this attempt.
+    ``cancel_requested``: an operator cancelled it, so it is recorded, not run."""
 
     id: int
     queue: str
@@ -506,6 +567,8 @@ class Claimed(NamedTuple):
     attempts: int
     token: int
     serial_key: str | None = None
+    priority: int = 0
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,15 +582,25 @@ class FailedRecord:
     exception: str
     attempts: int
     job_id: int
+    priority: int = 0
 
 
 _PAYLOAD_TEXT = sa.cast(jobs.c.payload, sa.Text()).label("payload")
-_RETURNED = (jobs.c.id, jobs.c.queue, _PAYLOAD_TEXT, jobs.c.attempts, jobs.c.serial_key)
+_RETURNED = (
+    jobs.c.id,
+    jobs.c.queue,
+    _PAYLOAD_TEXT,
+    jobs.c.attempts,
+    jobs.c.serial_key,
+    jobs.c.priority,
+    jobs.c.cancel_requested,
+)
 _LIMIT = sa.bindparam("limit", type_=sa.Integer())
 _RESERVE = {
     "reserved_at": db_now(),
     "token": sa.bindparam("new_token", type_=sa.BigInteger()),
     "lease_expires_at": db_now_plus(sa.bindparam("lease", type_=sa.Float())),
+    "worker_id": sa.bindparam("worker", type_=sa.String()),
     # A key held only while the job waits is free once a worker takes the job. (The prefix is
     # a literal, not a parameter: the statement is compiled once for every driver.)
     "unique_key": sa.case(
@@ -555,12 +628,18 @@ def _reservation(
     order_by: Sequence[sa.ColumnElement[Any]],
     *,
     count_attempt: bool,
+    postgresql_pick: sa.Select[Any] | None = None,
 ) -> dict[str, _Reservation]:
+    """``postgresql_pick``, when given, picks (and locks) the rows on PostgreSQL instead of
+    ``where`` and ``order_by``."""
     values = dict(_RESERVE)
     if count_attempt:
         values["attempts"] = jobs.c.attempts + 1
     picked = sa.select(jobs.c.id).where(*where).order_by(*order_by).limit(_LIMIT)
-    cte = picked.with_for_update(skip_locked=True).cte("picked")
+    if postgresql_pick is None:
+        cte = picked.with_for_update(skip_locked=True).cte("picked")
+    else:
+        cte = postgresql_pick.cte("picked")
     lock = sa.select(*_RETURNED).where(*where).order_by(*order_by).limit(_LIMIT)
     mark = sa.update(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True))).values(values)
     # ``id = ANY((SELECT array_agg(id) FROM picked))``, not a join with ``picked``: the array is
@@ -591,16 +670,47 @@ def _reservation(
     }
 
 
+# Due jobs of a queue by priority, then available_at, then id. One index range read over
+# (queue, priority, available_at, id) with ``available_at <= now`` would read through every
+# delayed row of priority 0 before reaching a due one of priority 1; so each priority level is
+# its own range read. SQLite and MySQL/MariaDB plan ``priority IN (0, ..., 9)`` that way (one
+# range per value, in index order, so no sort). PostgreSQL walks the levels in a nested loop,
+# in order, each a LATERAL subquery reading and locking its level's range; the LIMIT above it
+# stops the loop once it has enough rows, so later levels are not read at all.
+_LEVELS: list[sa.ColumnElement[Any]] = [
+    sa.literal_column(str(level)) for level in range(PRIORITY_MIN, PRIORITY_MAX + 1)
+]
+_QUEUE_NAME = sa.bindparam("queue_name", type_=sa.String())
 _DUE = (
-    jobs.c.queue == sa.bindparam("queue_name", type_=sa.String()),
+    jobs.c.queue == _QUEUE_NAME,
     jobs.c.reserved_at.is_(None),
+    jobs.c.priority.in_(_LEVELS),
     jobs.c.available_at <= db_now(),
 )
-_DUE_ORDER = (jobs.c.available_at, jobs.c.id)
-_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True)
+_DUE_ORDER = (jobs.c.priority, jobs.c.available_at, jobs.c.id)
+_LEVEL_TABLE = sa.values(
+    sa.column("level", sa.SmallInteger()), name="levels", literal_binds=True
+).data([(level,) for level in range(PRIORITY_MIN, PRIORITY_MAX + 1)])
+_LEVEL_DUE = (
+    sa.select(jobs.c.id)
+    .where(
+        jobs.c.queue == _QUEUE_NAME,
+        jobs.c.reserved_at.is_(None),
+        jobs.c.priority == _LEVEL_TABLE.c.level,
+        jobs.c.available_at <= db_now(),
+    )
+    .order_by(jobs.c.available_at, jobs.c.id)
+    .limit(_LIMIT)
+    .with_for_update(skip_locked=True)
+    .lateral("level_jobs")
+)
+_PICK_BY_LEVEL = (
+    sa.select(_LEVEL_DUE.c.id).select_from(_LEVEL_TABLE.join(_LEVEL_DUE, sa.true())).limit(_LIMIT)
+)
+_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True, postgresql_pick=_PICK_BY_LEVEL)
 # Prefetched jobs are claimed without counting an attempt: one that never starts (its worker
 # crashed, or stopped) has not spent one. count_attempts() counts it just before it starts.
-_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False)
+_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False, postgresql_pick=_PICK_BY_LEVEL)
 
 
 def _expired(queues: sa.ColumnElement[bool]) -> dict[str, _Reservation]:
@@ -672,7 +782,7 @@ async def _reserve(
     driver = await _asyncpg(conn)
     if driver is not None:
         rows = await driver.fetch(compiled.text, *compiled.args(params))
-        return [Claimed(r[0], r[1], r[2], r[3], token, r[4]) for r in rows]
+        return _in_order([Claimed(r[0], r[1], r[2], r[3], token, r[4], r[5], r[6]) for r in rows])
     async with conn.begin():
         if kind == "mysql":
             reservation = statements[kind]
@@ -683,9 +793,20 @@ async def _reserve(
                 return []
             await conn.execute(reservation.mark, {**params, "ids": [row[0] for row in locked]})
             bump = 1 if count_attempt else 0
-            return [Claimed(i, q, p, a + bump, token, k) for i, q, p, a, k in locked]
+            return [
+                Claimed(i, q, p, a + bump, token, k, r, bool(c)) for i, q, p, a, k, r, c in locked
+            ]
         rows = (await conn.execute(statements[kind].reserve, params)).all()
-        return [Claimed(i, q, p, a, token, k) for i, q, p, a, k in rows]
+        return _in_order(
+            [Claimed(i, q, p, a, token, k, r, bool(c)) for i, q, p, a, k, r, c in rows]
+        )
+
+
+def _in_order(claimed: list[Claimed]) -> list[Claimed]:
+    """Claimed rows in the order to start them (an UPDATE returns them in no set order)."""
+    if len(claimed) > 1 and any(job.priority for job in claimed):
+        claimed.sort(key=lambda job: job.priority)  # stable: otherwise as the claim found them
+    return claimed
 
 
 async def claim(
@@ -696,13 +817,21 @@ async def claim(
     lease: float,
     *,
     count_attempt: bool = True,
+    worker: str | None = None,
 ) -> list[Claimed]:
-    """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first.
+    """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first, for the
+    worker whose row is ``worker``.
 
     With ``count_attempt=False`` (jobs claimed ahead, to wait for a free slot) the attempt is
     not counted: :func:`count_attempts` counts it when the job is about to start.
     """
-    params = {"queue_name": queue, "limit": limit, "new_token": token, "lease": float(lease)}
+    params = {
+        "queue_name": queue,
+        "limit": limit,
+        "new_token": token,
+        "lease": float(lease),
+        "worker": worker,
+    }
     if count_attempt:
         return await _reserve(conn, _CLAIM, _CLAIM_ASYNCPG, params, count_attempt=True)
     return await _reserve(conn, _CLAIM_AHEAD, _CLAIM_AHEAD_ASYNCPG, params, count_attempt=False)
@@ -719,7 +848,7 @@ async def explain_claim(conn: AsyncConnection, queue: str = "default", limit: in
     driver = await _asyncpg(conn)
     if driver is None:
         raise ValueError("explain_claim() needs a PostgreSQL connection through asyncpg")
-    params = {"queue_name": queue, "limit": limit, "new_token": 0, "lease": 0.0}
+    params = {"queue_name": queue, "limit": limit, "new_token": 0, "lease": 0.0, "worker": None}
     transaction = driver.transaction()
     await transaction.start()
     try:
@@ -732,14 +861,26 @@ async def explain_claim(conn: AsyncConnection, queue: str = "default", limit: in
 
 
 async def rescue_expired(
-    conn: AsyncConnection, limit: int, token: int, lease: float, queues: Sequence[str]
+    conn: AsyncConnection,
+    limit: int,
+    token: int,
+    lease: float,
+    queues: Sequence[str],
+    *,
+    worker: str | None = None,
 ) -> list[Claimed]:
     """Take over up to ``limit`` jobs of ``queues`` whose worker stopped heartbeating
     (attempts unchanged).
 
     The caller decides, job by job, to put each back to pending or to fail it.
     """
-    params = {"limit": limit, "new_token": token, "lease": float(lease), "queues": list(queues)}
+    params = {
+        "limit": limit,
+        "new_token": token,
+        "lease": float(lease),
+        "queues": list(queues),
+        "worker": worker,
+    }
     return await _reserve(conn, _RESCUE, _RESCUE_ASYNCPG, params, count_attempt=False)
 
 
@@ -912,6 +1053,16 @@ async def extend_leases(
     return int(result.rowcount)
 
 
+async def cancel_requested_ids(
+    conn: AsyncConnection, pairs: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Which of the held jobs ``pairs`` an operator cancelled (a read by primary key)."""
+    rows = await conn.execute(
+        sa.select(jobs.c.id).where(_held(conn.dialect.name, pairs), jobs.c.cancel_requested)
+    )
+    return [int(i) for i in rows.scalars()]
+
+
 async def release(
     conn: AsyncConnection,
     pairs: Sequence[tuple[int, int]],
@@ -966,6 +1117,7 @@ async def move_to_failed(
                 attempts=record.attempts,
                 job_id=record.job_id,
                 failed_at=db_now(),
+                priority=record.priority,
             )
         )
         if serial_key is not None:
@@ -1259,7 +1411,13 @@ class Taken:
     missing_uuids: tuple[str, ...] = ()
 
 
-_TAKEN = (failed_jobs.c.id, failed_jobs.c.uuid, failed_jobs.c.queue, _FAILED_PAYLOAD)
+_TAKEN = (
+    failed_jobs.c.id,
+    failed_jobs.c.uuid,
+    failed_jobs.c.queue,
+    _FAILED_PAYLOAD,
+    failed_jobs.c.priority,
+)
 _REF_CHUNK = 1000  # ids per statement: well within every engine's parameter limit
 # MySQL/MariaDB: the rows just locked, one statement per row. ``DELETE … WHERE id IN (…)``
 # becomes a full scan once the ids are a large share of the rows the optimiser believes the
@@ -1302,13 +1460,14 @@ async def _take_failed(
 
 
 async def _requeue(conn: AsyncConnection, rows: Sequence[Any], notify: bool) -> None:
-    """Insert taken failed jobs into ``jobs``: attempts 0, due now."""
+    """Insert taken failed jobs into ``jobs``: attempts 0, due now, their priority kept."""
     if rows:
         stmt, params = insert_jobs(
             conn.dialect.name,
             [(row.queue, row.payload) for row in rows],
             None,
             notify=notify and family(conn.dialect.name) == "postgresql",
+            priorities=[row.priority for row in rows],
         )
         await conn.execute(stmt, params)
 
@@ -1494,6 +1653,411 @@ async def prune_slots(conn: AsyncConnection, older_than: float) -> None:
             )
 
 
+# ---------------------------------------------------------------------------- control plane
+#
+# Listing, cancelling and hurrying jobs, pausing queues, and the workers' own rows.
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A row of ``jobs`` as operators see it; ``state`` by the database clock."""
+
+    id: int
+    queue: str
+    payload: str
+    state: str
+    priority: int
+    attempts: int
+    available_at: datetime
+    created_at: datetime
+    reserved_until: datetime | None
+    unique_key: str | None
+    serial_key: str | None
+    cancel_requested: bool
+
+
+JOB_STATES = ("pending", "delayed", "running")
+
+_STATE = sa.case(
+    (jobs.c.reserved_at.isnot(None), sa.literal_column("'running'")),
+    (jobs.c.available_at <= db_now(), sa.literal_column("'pending'")),
+    else_=sa.literal_column("'delayed'"),
+).label("state")
+_JOB_COLUMNS = (
+    jobs.c.id,
+    jobs.c.queue,
+    _PAYLOAD_TEXT,
+    _STATE,
+    jobs.c.priority,
+    jobs.c.attempts,
+    # A parked serial job's real due time waits in serial_due_at.
+    sa.func.coalesce(jobs.c.serial_due_at, jobs.c.available_at).label("available_at"),
+    jobs.c.created_at,
+    jobs.c.lease_expires_at.label("reserved_until"),
+    jobs.c.unique_key,
+    jobs.c.serial_key,
+    jobs.c.cancel_requested,
+)
+_STATE_FILTER = {
+    "pending": (jobs.c.reserved_at.is_(None), jobs.c.available_at <= db_now()),
+    "delayed": (jobs.c.reserved_at.is_(None), jobs.c.available_at > db_now()),
+    "running": (jobs.c.reserved_at.isnot(None),),
+}
+
+
+def _job_row(row: sa.Row[Any]) -> JobRow:
+    values = row._asdict()
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRow(**values)
+
+
+def _job_filter(
+    queue: str | None, state: str | None, job: str | None, text: str | None
+) -> list[sa.ColumnElement[bool]]:
+    where: list[sa.ColumnElement[bool]] = []
+    if queue is not None:
+        where.append(jobs.c.queue == queue)
+    if state is not None:
+        where.extend(_STATE_FILTER[state])
+    if job is not None:
+        where.append(jobs.c.payload["job"].as_string() == job)
+    if text is not None:
+        where.append(sa.cast(jobs.c.payload, sa.Text()).contains(text, autoescape=True))
+    return where
+
+
+async def job_page(
+    engine: AsyncEngine,
+    *,
+    queue: str | None,
+    state: str | None,
+    job: str | None,
+    text: str | None,
+    after: int | None,
+    limit: int,
+) -> tuple[list[JobRow], int | None]:
+    """Up to ``limit`` jobs matching the filters with ids above ``after``, by id, and the id to
+    pass as ``after`` for the next page (None on the last). A keyset page: it reads the
+    primary key from ``after`` on, never rows before it."""
+    where = _job_filter(queue, state, job, text)
+    if after is not None:
+        where.append(jobs.c.id > after)
+    stmt = sa.select(*_JOB_COLUMNS).where(*where).order_by(jobs.c.id).limit(limit + 1)
+    async with engine.connect() as conn:
+        rows = [_job_row(row) for row in await conn.execute(stmt)]
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
+
+
+async def jobs_by_id(engine: AsyncEngine, ids: Sequence[int]) -> list[JobRow]:
+    """The jobs with these ids that exist, by id."""
+    found: list[JobRow] = []
+    async with engine.connect() as conn:
+        for start in range(0, len(ids), _REF_CHUNK):
+            chunk = list(ids[start : start + _REF_CHUNK])
+            stmt = sa.select(*_JOB_COLUMNS).where(jobs.c.id.in_(chunk)).order_by(jobs.c.id)
+            found.extend(_job_row(row) for row in await conn.execute(stmt))
+    return sorted(found, key=lambda row: row.id)
+
+
+async def newest_job_id(engine: AsyncEngine) -> int:
+    """The highest id in jobs (0 when empty)."""
+    async with engine.connect() as conn:
+        newest = (await conn.execute(sa.select(sa.func.max(jobs.c.id)))).scalar_one()
+    return int(newest or 0)
+
+
+async def job_ids_matching(
+    engine: AsyncEngine, queue: str, job: str | None, after: int, limit: int
+) -> list[int]:
+    """Ids above ``after`` of the jobs of ``queue`` (named ``job``), by id, at most ``limit``."""
+    stmt = (
+        sa.select(jobs.c.id)
+        .where(*_job_filter(queue, None, job, None), jobs.c.id > after)
+        .order_by(jobs.c.id)
+        .limit(limit)
+    )
+    async with engine.connect() as conn:
+        return [int(i) for i in (await conn.execute(stmt)).scalars()]
+
+
+class CancelOutcome(NamedTuple):
+    """What :func:`cancel_jobs` did with each id."""
+
+    deleted: list[int]  # waiting: moved to failed_jobs as cancelled
+    stopping: list[int]  # held by a worker: asked to stop
+    missing: list[int]  # not in jobs
+
+
+_CANCEL_TAKEN = (
+    jobs.c.id,
+    jobs.c.queue,
+    _PAYLOAD_TEXT,
+    jobs.c.attempts,
+    jobs.c.priority,
+    jobs.c.serial_key,
+)
+_REQUEST_CANCEL = sa.update(jobs).values(cancel_requested=True)
+_DELETE_JOB_BY_ID = sa.delete(jobs).where(jobs.c.id == sa.bindparam("id", type_=sa.BigInteger()))
+
+
+async def cancel_jobs(
+    engine: AsyncEngine, ids: Sequence[int], *, exception: str, connection: str
+) -> CancelOutcome:
+    """Cancel jobs, in one transaction: waiting ones leave ``jobs`` for ``failed_jobs`` (with
+    ``exception``), those a worker holds get ``cancel_requested``.
+
+    A worker claiming one of them at the same moment either takes it first (it is then held,
+    and asked to stop) or finds it gone: the statements wait for the claim's row locks
+    (PostgreSQL re-reads a row it waited for; MySQL's locking read sees the latest version),
+    and SQLite has one writer at a time. Any row still there after the delete is flagged,
+    whatever its state, so that a job a worker let go of meanwhile is not missed: a worker
+    records a flagged job as cancelled instead of running it.
+    """
+    wanted = sorted(set(ids))
+    kind = family(engine.dialect.name)
+    async with engine.begin() as conn:
+        serial = (
+            await conn.execute(
+                sa.select(jobs.c.serial_key)
+                .where(jobs.c.id.in_(wanted), jobs.c.serial_key.isnot(None))
+                .distinct()
+            )
+        ).scalars()
+        keys = sorted(str(key) for key in serial)
+        if keys:
+            await _lock_serial(conn, keys)
+        waiting = sa.and_(jobs.c.id.in_(wanted), jobs.c.reserved_at.is_(None))
+        if kind == "mysql":
+            locked = (
+                await conn.execute(
+                    sa.select(*_CANCEL_TAKEN, jobs.c.reserved_at)
+                    .where(jobs.c.id.in_(wanted))
+                    .order_by(jobs.c.id)
+                    .with_for_update()
+                )
+            ).all()
+            taken = [row for row in locked if row.reserved_at is None]
+            if taken:
+                await conn.execute(_DELETE_JOB_BY_ID, [{"id": row.id} for row in taken])
+            held = [int(row.id) for row in locked if row.reserved_at is not None]
+            if held:
+                await conn.execute(_REQUEST_CANCEL.where(jobs.c.id.in_(held)))
+        else:
+            taken = list(
+                await conn.execute(sa.delete(jobs).where(waiting).returning(*_CANCEL_TAKEN))
+            )
+            flagged = await conn.execute(
+                _REQUEST_CANCEL.where(jobs.c.id.in_(wanted)).returning(jobs.c.id)
+            )
+            held = [int(i) for i in flagged.scalars()]
+        if taken:
+            await conn.execute(
+                sa.insert(failed_jobs),
+                [
+                    {
+                        "uuid": str(uuid.uuid4()),
+                        "connection": connection,
+                        "queue": row.queue,
+                        "payload": row.payload,
+                        "exception": exception,
+                        "attempts": row.attempts,
+                        "job_id": row.id,
+                        "priority": row.priority,
+                    }
+                    for row in taken
+                ],
+            )
+            promote = sorted({row.serial_key for row in taken if row.serial_key is not None})
+            if promote:
+                await _lock_serial(conn, promote)
+                await _promote(conn, promote, notify=False)
+    deleted = sorted(int(row.id) for row in taken)
+    gone = set(deleted) | set(held)
+    return CancelOutcome(deleted, sorted(held), [i for i in wanted if i not in gone])
+
+
+async def run_now(engine: AsyncEngine, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Make these jobs due now, in one transaction: (the ids of waiting jobs made due, the
+    ids not in ``jobs``). If any id is missing, nothing is changed. A serial job waiting
+    behind its key's head keeps waiting for it, due as soon as it becomes the head."""
+    wanted = sorted(set(ids))
+    async with engine.begin() as conn:
+        present = await conn.execute(
+            sa.select(jobs.c.id, jobs.c.reserved_at)
+            .where(jobs.c.id.in_(wanted))
+            .order_by(jobs.c.id)
+            .with_for_update()
+        )
+        rows = present.all()
+        missing = sorted(set(wanted) - {int(row.id) for row in rows})
+        if missing:
+            return [], missing
+        waiting = [int(row.id) for row in rows if row.reserved_at is None]
+        if waiting:
+            where = (jobs.c.id.in_(waiting), jobs.c.reserved_at.is_(None))
+            await conn.execute(
+                sa.update(jobs)
+                .where(*where, jobs.c.serial_due_at.is_(None), jobs.c.available_at > db_now())
+                .values(available_at=db_now())
+            )
+            await conn.execute(
+                sa.update(jobs)
+                .where(*where, jobs.c.serial_due_at.isnot(None))
+                .values(serial_due_at=db_now())
+            )
+    return waiting, []
+
+
+_pg_pause = postgresql.insert(paused_queues).values(queue=sa.bindparam("queue"))
+_PAUSE: dict[str, Any] = {
+    "postgresql": _pg_pause.on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(paused_queues)
+    .values(queue=sa.bindparam("queue"))
+    .prefix_with("OR IGNORE"),
+    "mysql": sa.insert(paused_queues).values(queue=sa.bindparam("queue")).prefix_with("IGNORE"),
+}
+
+
+async def pause_queue(engine: AsyncEngine, queue: str, *, notify: bool) -> bool:
+    """Pause ``queue`` (if it is not paused already: returns whether this call paused it); with
+    ``notify``, PostgreSQL workers listening hear it at once."""
+    async with engine.begin() as conn:
+        result = await conn.execute(_PAUSE[family(conn.dialect.name)], {"queue": queue})
+        if notify and family(conn.dialect.name) == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_notify(CONTROL_CHANNEL, queue)))
+    return bool(result.rowcount)
+
+
+async def resume_queue(engine: AsyncEngine, queue: str, *, notify: bool) -> bool:
+    """Resume ``queue``; returns whether it was paused."""
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.delete(paused_queues).where(paused_queues.c.queue == queue))
+        if notify and family(conn.dialect.name) == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_notify(CONTROL_CHANNEL, queue)))
+    return bool(result.rowcount)
+
+
+_PAUSED = sa.select(paused_queues.c.queue)
+
+
+async def paused_queue_names(conn: AsyncConnection | AsyncEngine) -> set[str]:
+    """The paused queues (a read of a table that holds a row per paused queue)."""
+    if isinstance(conn, AsyncEngine):
+        async with conn.connect() as own:
+            return await paused_queue_names(own)
+    async with conn.begin():  # ended here: the caller's next transaction is its own
+        return {str(name) for name in (await conn.execute(_PAUSED)).scalars()}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A row of ``workers``, whether it is alive (seen within its lease), and the ids of the
+    jobs it holds."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    version: str
+    started_at: datetime
+    last_seen: datetime
+    alive: bool
+    running: list[int]
+
+
+async def register_worker(
+    conn: AsyncConnection,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    queues: Sequence[str],
+    concurrency: int,
+    version: str,
+    lease: float,
+) -> None:
+    """Insert the worker's row (one autocommit statement)."""
+    await conn.execute(
+        sa.insert(workers).values(
+            id=worker_id,
+            host=host,
+            pid=pid,
+            queues=json.dumps(list(queues), ensure_ascii=False),
+            concurrency=concurrency,
+            version=version,
+            lease=float(lease),
+            started_at=db_now(),
+            last_seen=db_now(),
+        )
+    )
+
+
+_TOUCH = (
+    sa.update(workers)
+    .where(workers.c.id == sa.bindparam("worker_id", type_=sa.String()))
+    .values(last_seen=db_now())
+)
+
+
+async def touch_worker(conn: AsyncConnection, worker_id: str) -> bool:
+    """The worker's heartbeat: one statement; False when its row is gone (pruned while the
+    worker was silent), for the worker to register again."""
+    return bool((await conn.execute(_TOUCH, {"worker_id": worker_id})).rowcount)
+
+
+async def remove_worker(conn: AsyncConnection, worker_id: str) -> None:
+    """Delete the worker's row (it stopped)."""
+    await conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
+
+
+async def prune_workers(conn: AsyncConnection, older_than: float) -> int:
+    """Delete the rows of workers silent for more than ``older_than`` seconds."""
+    limit = db_now_plus(sa.literal(-float(older_than), sa.Float()))
+    result = await conn.execute(sa.delete(workers).where(workers.c.last_seen < limit))
+    return int(result.rowcount)
+
+
+async def worker_rows(engine: AsyncEngine) -> list[WorkerRow]:
+    """Every worker row, live ones first (by start), then gone ones (latest seen first)."""
+    alive = (seconds_since(workers.c.last_seen) <= workers.c.lease).label("alive")
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(workers, alive))).all()
+        held: dict[str, list[int]] = {}
+        if rows:
+            running = await conn.execute(
+                sa.select(jobs.c.worker_id, jobs.c.id)
+                .where(
+                    jobs.c.reserved_at.isnot(None),
+                    jobs.c.lease_expires_at.isnot(None),
+                    jobs.c.worker_id.in_([row.id for row in rows]),
+                )
+                .order_by(jobs.c.id)
+            )
+            for worker_id, job_id in running:
+                held.setdefault(str(worker_id), []).append(int(job_id))
+    found = [
+        WorkerRow(
+            id=row.id,
+            host=row.host,
+            pid=int(row.pid),
+            queues=list(json.loads(row.queues)),
+            concurrency=int(row.concurrency),
+            version=row.version,
+            started_at=row.started_at,
+            last_seen=row.last_seen,
+            alive=bool(row.alive),
+            running=held.get(row.id, []) if row.alive else [],
+        )
+        for row in rows
+    ]
+    live = sorted((w for w in found if w.alive), key=lambda w: (w.started_at, w.id))
+    gone = sorted((w for w in found if not w.alive), key=lambda w: w.last_seen, reverse=True)
+    return live + gone
+
+
 # schema version
 
 
@@ -1528,13 +2092,14 @@ def _add_counts(dialect_name: str, rows: list[dict[str, Any]]) -> Executable:
         return upserted
     upsert = (postgresql if dialect_name == "postgresql" else sqlite).insert(job_counts)
     upsert = upsert.values(values)
-    return upsert.on_conflict_do_update(
+    added: Executable = upsert.on_conflict_do_update(
         index_elements=[job_counts.c.minute, job_counts.c.queue],
         set_={
             "succeeded": job_counts.c.succeeded + upsert.excluded.succeeded,
             "failed": job_counts.c.failed + upsert.excluded.failed,
         },
     )
+    return added
 
 
 async def record_counts(conn: AsyncConnection, counts: dict[str, tuple[int, int]]) -> None:

@@ -27,11 +27,14 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,6 +48,7 @@ from .execution import (
     Attempt,
     Outcome,
     Verdict,
+    cancelled,
     describe,
     judge_expired,
     run,
@@ -69,6 +73,8 @@ log = logging.getLogger("routemq_outbox.worker")
 _FINISH_BATCH = 1000
 _HOUSEKEEPING_EVERY = 60.0  # seconds between a worker's rounds of housekeeping
 _WATCHDOG_TICK = 0.05  # how late a job's timeout may fire, at most
+_CANCEL_CHECK_EVERY = 1.0  # seconds between looks for running jobs an operator cancelled
+_WORKER_ROW_KEPT = 3600.0  # seconds a silent worker's row is kept (shown as gone) at least
 _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs before it is counted
 _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
 _CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
@@ -275,6 +281,10 @@ class Worker:
         # Jobs finished per queue since the last addition to job_counts (the throughput chart).
         self._finished_ok: collections.Counter[str] = collections.Counter()
         self._finished_bad: collections.Counter[str] = collections.Counter()
+        self.worker_id = str(uuid.uuid4())  # its row in ``workers``, and on the jobs it holds
+        self._registered = False
+        self._paused: set[str] = set()  # queues paused, as last read
+        self._paused_read_at = -math.inf
 
     # ------------------------------------------------------------------ public
 
@@ -326,6 +336,7 @@ class Worker:
         cancelled = [
             asyncio.create_task(self._watchdog(), name="routemq-outbox watchdog"),
             asyncio.create_task(self._reporter(), name="routemq-outbox reporter"),
+            asyncio.create_task(self._cancel_checks(), name="routemq-outbox cancel checks"),
         ]
         if listening:
             cancelled.append(asyncio.create_task(self._listen(), name="routemq-outbox listener"))
@@ -363,6 +374,7 @@ class Worker:
             await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
             await self._claim_lane.reset()
             await self._release_unfinished()
+            await self._unregister()
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
         if self._crash is not None:
@@ -482,15 +494,26 @@ class Worker:
         token = secrets.randbits(63)
         lease = self.settings.lease
         conn = await self._claim_lane.get()
+        paused = await self._paused_queues(conn)
         total = 0
         for queue in self.settings.queues:
+            if queue in paused:
+                continue
             for count_attempt in (True, False):
                 limit = wanted - total
                 if count_attempt:
                     limit = min(limit, self._free_slots())
                 if limit <= 0:
                     continue
-                got = await sql.claim(conn, queue, limit, token, lease, count_attempt=count_attempt)
+                got = await sql.claim(
+                    conn,
+                    queue,
+                    limit,
+                    token,
+                    lease,
+                    count_attempt=count_attempt,
+                    worker=self.worker_id,
+                )
                 self._claimed(queue, got, count_attempt)
                 total += len(got)
                 if len(got) < limit:
@@ -498,6 +521,16 @@ class Worker:
             if total >= wanted:
                 break
         return total
+
+    async def _paused_queues(self, conn: AsyncConnection) -> set[str]:
+        """The paused queues, read again once ``--sleep`` seconds old (or at once after a
+        pause or resume, on PostgreSQL with LISTEN): a paused queue gets no more claims
+        within that time."""
+        now = time.monotonic()
+        if now - self._paused_read_at >= self.settings.sleep:
+            self._paused = await sql.paused_queue_names(conn)
+            self._paused_read_at = now
+        return self._paused
 
     def _claimed(self, queue: str, got: list[sql.Claimed], counted: bool) -> None:
         self.stats.claims += 1
@@ -607,6 +640,8 @@ class Worker:
         claimed = attempt.claimed
         key = (claimed.id, claimed.token)
         try:
+            if outcome is None and claimed.cancel_requested:
+                outcome = cancelled(None)  # cancelled while it waited: recorded, never run
             if outcome is None:
                 outcome = await run(
                     attempt,
@@ -682,7 +717,16 @@ class Worker:
         claimed = attempt.claimed
         key = (claimed.id, claimed.token)
         self._keep_abandoned(attempt)
-        if attempt.timed_out and not self._closed.is_set():
+        if attempt.cancel_requested and not self._closed.is_set():
+            log.error(
+                "job id=%d queue=%s ignored being cancelled by an operator: its slot is freed "
+                "and it is recorded as cancelled (its code may still be running)",
+                claimed.id,
+                claimed.queue,
+            )
+            self._running.pop(attempt.task, None)  # type: ignore[arg-type]
+            self._start(claimed, cancelled(attempt.job))
+        elif attempt.timed_out and not self._closed.is_set():
             log.error(
                 "job id=%d queue=%s ignored being cancelled at its %g s timeout: its slot is "
                 "freed and the attempt counts as timed out (its code may still be running)",
@@ -779,6 +823,7 @@ class Worker:
             exception=describe(error),
             attempts=claimed.attempts,
             job_id=claimed.id,
+            priority=claimed.priority,
         )
         moved, problem = await self._write(
             lambda conn: sql.move_to_failed(
@@ -1014,6 +1059,7 @@ class Worker:
                 await asyncio.wait_for(self._closed.wait(), pause)
 
     async def _heartbeat(self) -> None:
+        await self._presence()
         pairs = list(self._held)
         if not pairs:
             return
@@ -1024,6 +1070,55 @@ class Worker:
                 await sql.extend_leases(
                     conn, pairs[start : start + _FINISH_BATCH], self.settings.lease
                 )
+
+    async def _presence(self) -> None:
+        """Keep the worker's row in ``workers`` fresh (insert it if it is not there: the
+        first time, or after it was pruned while this worker could not reach the database).
+        Single autocommit statements: never a transaction held across an await."""
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            if self._registered and await sql.touch_worker(conn, self.worker_id):
+                return
+            s = self.settings
+            await sql.register_worker(
+                conn,
+                worker_id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                queues=s.queues,
+                concurrency=s.concurrency,
+                version=_version(),
+                lease=s.lease,
+            )
+            self._registered = True
+
+    async def _unregister(self) -> None:
+        if not self._registered:
+            return
+        try:
+            async with self.engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await sql.remove_worker(conn, self.worker_id)
+        except Exception as exc:  # its row goes gone, then pruned
+            log.warning("could not remove this worker's row from workers: %s", _brief(exc))
+
+    async def _cancel_checks(self) -> None:
+        """Stop the running jobs an operator cancelled: a look every second, by primary key."""
+        while True:
+            await asyncio.sleep(_CANCEL_CHECK_EVERY)
+            running = {(a.claimed.id, a.claimed.token): a for a in self._running.values()}
+            if not running:
+                continue
+            try:
+                async with self.engine.connect() as conn:
+                    flagged = set(await sql.cancel_requested_ids(conn, list(running)))
+            except Exception as exc:
+                log.debug("looking for cancelled jobs failed: %s", _brief(exc))
+                continue
+            for (job_id, _), attempt in running.items():
+                if job_id in flagged and not attempt.abandoned:
+                    log.warning("job id=%d was cancelled by an operator; stopping it", job_id)
+                    attempt.stop(_CANCEL_WAIT)
 
     async def _rescuer(self) -> None:
         """Take over jobs of this worker's queues whose worker went silent, until stopping.
@@ -1049,6 +1144,7 @@ class Worker:
         self._housekept_at = now
         async with self.engine.connect() as conn:
             done = await sql.housekeep(conn)
+            await sql.prune_workers(conn, max(_WORKER_ROW_KEPT, 10 * self.settings.lease))
         if done.promoted_keys:
             log.warning(
                 "promoted the next job of %d serial keys whose promotion was missed",
@@ -1062,12 +1158,20 @@ class Worker:
         while not self._stopping.is_set():
             async with self.engine.connect() as conn:
                 rescued = await sql.rescue_expired(
-                    conn, limit, secrets.randbits(63), self.settings.lease, self.settings.queues
+                    conn,
+                    limit,
+                    secrets.randbits(63),
+                    self.settings.lease,
+                    self.settings.queues,
+                    worker=self.worker_id,
                 )
             for claimed in rescued:
                 self._held[(claimed.id, claimed.token)] = _UNCOUNTED
             for claimed in rescued:
-                outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
+                if claimed.cancel_requested:
+                    outcome = cancelled(None)
+                else:
+                    outcome = judge_expired(claimed, max_tries=self.settings.max_tries)
                 await self._apply(claimed, outcome, ran=False)
             if not rescued:
                 # Not "fewer than the limit": a row another transaction held for a moment
@@ -1134,7 +1238,13 @@ class Worker:
                             if args[3] in queues:
                                 self._wake.set()
 
+                        def on_control(*args: Any) -> None:
+                            if args[3] in queues:
+                                self._paused_read_at = -math.inf  # read the paused set again
+                                self._wake.set()
+
                         await driver.add_listener(sql.NOTIFY_CHANNEL, on_notify)
+                        await driver.add_listener(sql.CONTROL_CHANNEL, on_control)
                         driver.add_termination_listener(lambda *_, lost=lost: lost.set())
                         backoff.reset()
                         self._wake.set()  # jobs may have arrived while nobody listened
@@ -1182,6 +1292,13 @@ class Worker:
             s.timeout,
             s.max_tries,
         )
+
+
+def _version() -> str:
+    try:
+        return version("routemq-outbox")
+    except PackageNotFoundError:  # pragma: no cover - a checkout without install
+        return "0.0.0"
 
 
 async def _driver_connection(conn: AsyncConnection) -> Any:

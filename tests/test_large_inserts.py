@@ -138,9 +138,9 @@ def test_each_statement_holds_at_most_the_chunk_unless_one_row_is_larger(
             assert len(array) == 1 or len(text.encode()) <= 100
         items = [item for array in arrays for item in array]
         if dialect == "postgresql":
-            assert items == [["q", json.loads(p)] for p in payloads]
+            assert items == [["q", json.loads(p), 0] for p in payloads]
         else:
-            assert items == [["q", p] for p in payloads]
+            assert items == [["q", p, 0] for p in payloads]
 
 
 def test_one_statement_when_the_rows_fit(monkeypatch: pytest.MonkeyPatch) -> None:

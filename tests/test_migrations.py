@@ -23,7 +23,8 @@ from routemq_outbox.schema import include_object, metadata
 
 from .conftest import BACKENDS, DB_URL_FIXTURES, EMPTY_DB_URL_FIXTURES, ROOT
 
-TABLES = ("jobs", "failed_jobs", "schedule_slots")
+TABLES = ("jobs", "failed_jobs", "schedule_slots", "paused_queues", "workers")
+IN_TABLES = "(" + ", ".join(f"'{table}'" for table in TABLES) + ")"
 
 
 def dump_schema(url: str) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def dump_schema(url: str) -> dict[str, Any]:
                 rows = conn.execute(
                     sa.text(
                         "SELECT indexname, indexdef FROM pg_indexes "
-                        "WHERE tablename IN ('jobs', 'failed_jobs', 'schedule_slots') "
+                        f"WHERE tablename IN {IN_TABLES} "
                         "ORDER BY indexname"
                     )
                 )
@@ -63,7 +64,7 @@ def dump_schema(url: str) -> dict[str, Any]:
                         "SELECT CONCAT(table_name, '.', index_name), GROUP_CONCAT(CONCAT("
                         "column_name, ' ', non_unique, ' ', index_type) ORDER BY seq_in_index) "
                         "FROM information_schema.statistics WHERE table_schema = DATABASE() "
-                        "AND table_name IN ('jobs', 'failed_jobs', 'schedule_slots') "
+                        f"AND table_name IN {IN_TABLES} "
                         "GROUP BY table_name, index_name ORDER BY 1"
                     )
                 )
@@ -77,7 +78,7 @@ def dump_schema(url: str) -> dict[str, Any]:
                 rows = conn.execute(
                     sa.text(
                         "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                        "AND tbl_name IN ('jobs', 'failed_jobs', 'schedule_slots') ORDER BY name"
+                        f"AND tbl_name IN {IN_TABLES} ORDER BY name"
                     )
                 )
             schema["indexes"] = [(name, " ".join(str(sql).split())) for name, sql in rows]
@@ -134,8 +135,8 @@ def test_migrations_build_exactly_the_models(two_empty_databases: tuple[str, str
     assert migrated == dump_schema(by_models)
     if "ddl" in migrated["jobs"]:  # MySQL/MariaDB: no partial indexes, a claim index of its own
         assert (
-            "jobs.ix_jobs_claim_mysql",
-            "queue 1 BTREE,reserved_at 1 BTREE,available_at 1 BTREE,id 1 BTREE",
+            "jobs.ix_jobs_claim_by_priority_mysql",
+            "queue 1 BTREE,reserved_at 1 BTREE,priority 1 BTREE,available_at 1 BTREE,id 1 BTREE",
         ) in migrated["indexes"]
         assert "ENGINE=InnoDB" in migrated["jobs"]["ddl"]
         assert "COLLATE=utf8mb4_bin" in migrated["failed_jobs"]["ddl"]
@@ -161,7 +162,10 @@ def test_mysql_ddl_can_be_printed_without_a_server(capsys: pytest.CaptureFixture
     upgrade("mysql://app@db.invalid/app", sql=True)
     ddl = capsys.readouterr().out
     assert "CREATE TABLE jobs" in ddl
-    assert "CREATE INDEX ix_jobs_claim_mysql ON jobs (queue, reserved_at, available_at, id)" in ddl
+    assert (
+        "ALTER TABLE jobs ADD INDEX ix_jobs_claim_by_priority_mysql "
+        "(queue, reserved_at, priority, available_at, id), ALGORITHM=INPLACE, LOCK=NONE" in ddl
+    )
     assert "ENGINE=InnoDB" in ddl
     assert "ix_jobs_claim ON" not in ddl
 
@@ -362,8 +366,8 @@ def test_installed_package_migrates_fresh_databases(
     assert ddl.returncode == 0, ddl.stderr
     assert "CREATE TABLE jobs" in ddl.stdout
     assert (
-        "CREATE INDEX ix_jobs_claim ON jobs (queue, available_at, id) WHERE reserved_at IS NULL"
-        in ddl.stdout
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_jobs_claim_by_priority "
+        "ON jobs (queue, priority, available_at, id) WHERE reserved_at IS NULL" in ddl.stdout
     )
 
     for url in (empty_pg_url, f"sqlite:///{elsewhere / 'fresh.db'}"):
@@ -500,5 +504,53 @@ def test_the_job_counts_revision_upgrades_a_populated_database(
         assert "job_counts" not in tables(url)
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_control_plane_revision_upgrades_a_populated_database(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    before = "routemq_outbox_0005"
+    upgrade(url, before)
+    engine = create_sync_engine(url)
+    select = sa.text("SELECT queue, priority, cancel_requested, worker_id FROM jobs ORDER BY id")
+    try:
+        with engine.begin() as conn:
+            for queue in ("a", "b"):
+                conn.execute(
+                    sa.text('INSERT INTO jobs (queue, payload) VALUES (:q, \'{"job": "x"}\')'),
+                    {"q": queue},
+                )
+        upgrade(url)
+        assert {"paused_queues", "workers"} <= tables(url)
+        with engine.begin() as conn:
+            assert [tuple(row) for row in conn.execute(select)] == [
+                ("a", 0, False, None),
+                ("b", 0, False, None),
+            ]
+            conn.execute(sa.text("UPDATE jobs SET priority = 9 WHERE queue = 'a'"))
+        # MariaDB reports a failed CHECK as an OperationalError, the others as an IntegrityError.
+        refused = (sa.exc.IntegrityError, sa.exc.OperationalError)
+        with pytest.raises(refused, match="priority_range"), engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET priority = 10 WHERE queue = 'b'"))
+        with pytest.raises(refused, match="priority_range"), engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET priority = -1 WHERE queue = 'b'"))
+        downgrade(url, before)
+        assert not {"paused_queues", "workers"} & tables(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs ORDER BY id")).scalars().all() == [
+                "a",
+                "b",
+            ]
+        upgrade(url)  # and up again, from what the downgrade left
+        if backend == "sqlite":  # the rebuilt table never reuses the id of a deleted job
+            with engine.connect() as conn:
+                ddl = conn.execute(
+                    sa.text("SELECT sql FROM sqlite_master WHERE name = 'jobs'")
+                ).scalar_one()
+            assert "AUTOINCREMENT" in ddl
     finally:
         engine.dispose()
