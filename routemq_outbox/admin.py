@@ -31,7 +31,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import sqlalchemy.exc
@@ -66,6 +66,7 @@ __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "RETRY_BATCH",
+    "THROUGHPUT_MINUTES",
     "CancelResult",
     "FailedJob",
     "FailedPage",
@@ -74,6 +75,7 @@ __all__ = [
     "JobPage",
     "QueueCounts",
     "QueueState",
+    "Throughput",
     "WorkerInfo",
     "cancel_jobs",
     "cancel_matching",
@@ -99,6 +101,7 @@ __all__ = [
     "run_now",
     "show_failed",
     "show_job",
+    "throughput",
 ]
 
 RETRY_BATCH = 1000
@@ -163,6 +166,51 @@ async def clear_queue(
     if confirm is not None and not confirm(await sql.queue_size(engine, queue)):
         return None
     return await sql.clear_queue(engine, queue)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+THROUGHPUT_MINUTES = 60
+"""The minutes :func:`throughput` reports by default: the last hour."""
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Jobs that finished in one minute (its start, UTC): ``succeeded``, or ``failed`` (moved to
+    failed_jobs)."""
+
+    minute: datetime
+    succeeded: int
+    failed: int
+
+
+async def throughput(
+    engine: AsyncEngine, *, minutes: int = THROUGHPUT_MINUTES, queue: str | None = None
+) -> list[Throughput]:
+    """Jobs finished per minute (of ``queue``) over the last ``minutes`` minutes up to the
+    current one, oldest first, minutes without any included as zeros.
+
+    From the counts workers add every few seconds, so the current minute is still filling,
+    and a worker killed outright (SIGKILL) loses the last few seconds of its counts."""
+    if not 1 <= minutes <= sql.COUNTS_KEPT_MINUTES:
+        raise ConfigurationError(
+            f"minutes must be from 1 to {sql.COUNTS_KEPT_MINUTES}, got {minutes}"
+        )
+    if queue is not None:
+        validate_queue_name(queue)
+    now, rows = await sql.throughput(engine, minutes, queue)
+    found = {row.minute: row for row in rows}
+    points = []
+    for minute in range(now - minutes + 1, now + 1):
+        row = found.get(minute)
+        points.append(
+            Throughput(
+                datetime.fromtimestamp(minute * 60, UTC),
+                row.succeeded if row else 0,
+                row.failed if row else 0,
+            )
+        )
+    return points
 
 
 # ----------------------------------------------------------------------------- failed jobs
@@ -244,14 +292,17 @@ class FailedPage:
 
 
 async def list_failed(
-    engine: AsyncEngine, *, queue: str | None = None, limit: int = 50
+    engine: AsyncEngine, *, queue: str | None = None, limit: int = 50, before: int | None = None
 ) -> FailedPage:
-    """The ``limit`` most recent failed jobs (of ``queue``), newest first."""
+    """The ``limit`` most recent failed jobs (of ``queue``), newest first; with ``before``,
+    those with lower ids (the next page: pass the last id of the one before)."""
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise ConfigurationError(f"limit must be from 1 to {MAX_LIST_LIMIT}, got {limit}")
     if queue is not None:
         validate_queue_name(queue)
-    rows, total = await sql.failed_page(engine, queue, limit)
+    if before is not None and not 0 <= before <= MAX_FAILED_ID:
+        raise ConfigurationError(f"before must be a failed job id, got {before}")
+    rows, total = await sql.failed_page(engine, queue, limit, before)
     return FailedPage([FailedJob._of(row) for row in rows], total)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -957,6 +958,64 @@ def migrate(
         if schema.embedded:
             where += f", recorded in {schema.table} by your application's alembic"
         typer.echo(f"database schema is at {schema.revision}{where}", err=True)
+
+
+# ------------------------------------------------------------------------------- dashboard
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command(rich_help_panel=MONITORING_PANEL)
+def dashboard(
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", callback=_whole(1, 65535))] = 8787,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show everything, change nothing.")
+    ] = False,
+    imports: JobImports = None,
+    database: DatabaseUrl = None,
+) -> None:
+    """Serve the web dashboard: queues, jobs, failed jobs, workers, schedules, throughput.
+
+    HTTP Basic with ROUTEMQ_OUTBOX_DASHBOARD_USER and ROUTEMQ_OUTBOX_DASHBOARD_PASSWORD; an
+    address other than loopback needs them."""
+    try:
+        import uvicorn
+
+        from .dashboard import create_app
+        from .dashboard.app import PASSWORD_ENV, USER_ENV, credentials
+    except ImportError as exc:
+        raise _fail(
+            f"the dashboard needs the dashboard extra ({exc.name} is missing): "
+            'pip install "routemq-outbox[dashboard]"'
+        ) from None
+    try:
+        login = credentials()
+    except OutboxError as exc:
+        raise _fail(str(exc)) from None
+    if login is None and not _loopback(host):
+        raise _fail(
+            f"refusing to serve the dashboard on {host} without a password: set "
+            f"{USER_ENV} and {PASSWORD_ENV}, or listen on 127.0.0.1"
+        )
+    _import_jobs(imports)
+    url = database or database_url()
+    application = create_app(create_engine(url), read_only=read_only)
+    typer.echo(
+        f"routemq-outbox dashboard on http://{host}:{port}/ for {redact(url)}"
+        + (" (read-only)" if read_only else ""),
+        err=True,
+    )
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -44,9 +44,11 @@ from .schema import (
     PRIORITY_MIN,
     Payload,
     UTCDateTime,
+    db_minute,
     db_now,
     db_now_plus,
     failed_jobs,
+    job_counts,
     jobs,
     paused_queues,
     schedule_slots,
@@ -60,6 +62,7 @@ from .schema import (
 
 __all__ = [
     "CONTROL_CHANNEL",
+    "COUNTS_KEPT_MINUTES",
     "NOTIFY_CHANNEL",
     "CancelOutcome",
     "Claimed",
@@ -70,6 +73,7 @@ __all__ = [
     "JobRow",
     "KeyedSteps",
     "LatestSlot",
+    "MinuteCounts",
     "QueueCounts",
     "Taken",
     "WorkerRow",
@@ -113,6 +117,7 @@ __all__ = [
     "queue_counts_statement",
     "queue_exists",
     "queue_size",
+    "record_counts",
     "register_worker",
     "release",
     "remove_worker",
@@ -124,6 +129,7 @@ __all__ = [
     "run_steps",
     "size_statement",
     "stored_revisions",
+    "throughput",
     "touch_worker",
     "worker_rows",
 ]
@@ -1151,12 +1157,18 @@ _UNUSED_SERIAL_KEYS = sa.delete(serial_keys).where(
 _EXPIRED_WINDOWS = sa.delete(unique_windows).where(unique_windows.c.expires_at <= db_now())
 
 
+COUNTS_KEPT_MINUTES = 24 * 60
+"""How long the per-minute counts of finished jobs are kept."""
+_OLD_COUNTS = sa.delete(job_counts).where(job_counts.c.minute < db_minute() - COUNTS_KEPT_MINUTES)
+
+
 class Housekept(NamedTuple):
     """What :func:`housekeep` did."""
 
     promoted_keys: int
     expired_windows: int
     unused_serial_keys: int
+    old_counts: int
 
 
 async def housekeep(conn: AsyncConnection) -> Housekept:
@@ -1178,7 +1190,9 @@ async def housekeep(conn: AsyncConnection) -> Housekept:
     conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
     expired = (await conn.execute(_EXPIRED_WINDOWS)).rowcount
     unused = (await conn.execute(_UNUSED_SERIAL_KEYS)).rowcount
-    return Housekept(len(headless), int(expired), int(unused))
+    # Reading the rowcount closes the result (see record_counts).
+    old_counts = (await conn.execute(_OLD_COUNTS)).rowcount
+    return Housekept(len(headless), int(expired), int(unused), int(old_counts))
 
 
 # ------------------------------------------------------------------------------- operating
@@ -1357,13 +1371,18 @@ def _refs(ids: Sequence[int], uuids: Sequence[str]) -> sa.ColumnElement[bool]:
 
 
 async def failed_page(
-    engine: AsyncEngine, queue: str | None, limit: int
+    engine: AsyncEngine, queue: str | None, limit: int, before: int | None = None
 ) -> tuple[list[FailedRow], int]:
-    """The ``limit`` newest failed jobs (of ``queue``), and how many there are in all."""
+    """The ``limit`` newest failed jobs (of ``queue``; with ids below ``before``), and how many
+    there are in all (of ``queue``)."""
     where = [] if queue is None else [failed_jobs.c.queue == queue]
+    older = [] if before is None else [failed_jobs.c.id < before]
     async with engine.connect() as conn:
         rows = await conn.execute(
-            sa.select(*_FAILED_COLUMNS).where(*where).order_by(failed_jobs.c.id.desc()).limit(limit)
+            sa.select(*_FAILED_COLUMNS)
+            .where(*where, *older)
+            .order_by(failed_jobs.c.id.desc())
+            .limit(limit)
         )
         page = [_failed_row(row) for row in rows]
         total = await conn.execute(
@@ -2065,3 +2084,72 @@ async def stored_revisions(engine: AsyncEngine, tables: Sequence[str]) -> dict[s
             rows = await conn.execute(sa.select(version.c.version_num))
             found[name] = [str(value) for value in rows.scalars()]
         return found
+
+
+# ------------------------------------------------------------------------------- throughput
+#
+# Workers count the jobs they finish in memory and add them to ``job_counts`` every few
+# seconds; the dashboard's chart reads those rows, never jobs or failed_jobs.
+
+
+def _add_counts(dialect_name: str, rows: list[dict[str, Any]]) -> Executable:
+    values = [{**row, "minute": db_minute()} for row in rows]
+    if family(dialect_name) == "mysql":
+        insert = mysql.insert(job_counts).values(values)
+        upserted: Executable = insert.on_duplicate_key_update(
+            succeeded=job_counts.c.succeeded + insert.inserted.succeeded,
+            failed=job_counts.c.failed + insert.inserted.failed,
+        )
+        return upserted
+    upsert = (postgresql if dialect_name == "postgresql" else sqlite).insert(job_counts)
+    upsert = upsert.values(values)
+    added: Executable = upsert.on_conflict_do_update(
+        index_elements=[job_counts.c.minute, job_counts.c.queue],
+        set_={
+            "succeeded": job_counts.c.succeeded + upsert.excluded.succeeded,
+            "failed": job_counts.c.failed + upsert.excluded.failed,
+        },
+    )
+    return added
+
+
+async def record_counts(conn: AsyncConnection, counts: dict[str, tuple[int, int]]) -> None:
+    """Add (succeeded, failed) per queue to the current minute's counts: one statement in
+    autocommit mode (no transaction held across an await: see :func:`housekeep`)."""
+    rows = [
+        {"queue": queue, "succeeded": succeeded, "failed": failed}
+        for queue, (succeeded, failed) in sorted(counts.items())
+    ]
+    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    # Closed at once: on SQLite a result left open keeps its statement, and with it the write
+    # lock, until it is collected, however late that is if job code blocks the loop.
+    (await conn.execute(_add_counts(conn.dialect.name, rows))).close()
+
+
+class MinuteCounts(NamedTuple):
+    """Jobs finished in one minute (whole minutes since the Unix epoch)."""
+
+    minute: int
+    succeeded: int
+    failed: int
+
+
+async def throughput(
+    engine: AsyncEngine, minutes: int, queue: str | None = None
+) -> tuple[int, list[MinuteCounts]]:
+    """The database's current minute, and the counts of the ``minutes`` up to it that have
+    any (of ``queue``), oldest first."""
+    where = [] if queue is None else [job_counts.c.queue == queue]
+    async with engine.connect() as conn:
+        now = int((await conn.execute(sa.select(db_minute()))).scalar_one())
+        rows = await conn.execute(
+            sa.select(
+                job_counts.c.minute,
+                sa.func.sum(job_counts.c.succeeded),
+                sa.func.sum(job_counts.c.failed),
+            )
+            .where(job_counts.c.minute > now - minutes, *where)
+            .group_by(job_counts.c.minute)
+            .order_by(job_counts.c.minute)
+        )
+        return now, [MinuteCounts(int(m), int(s), int(f)) for m, s, f in rows]

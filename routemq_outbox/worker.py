@@ -83,6 +83,7 @@ _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs befor
 _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
 _CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
 _SUMMARY_EVERY = 60.0  # seconds between the INFO lines that sum up what was done
+_COUNTS_EVERY = 5.0  # seconds between additions to the per-minute counts of finished jobs
 
 _Key = tuple[int, int]  # (job id, token): one claim of one job
 # What a held claim is: its attempt not counted (claimed ahead, or taken over from a silent
@@ -289,6 +290,9 @@ class Worker:
         self._crash: BaseException | None = None  # why a helper loop died, if one did
         self._housekept_at = -math.inf
         self._blocking: BlockingSqlite | None = None  # set by run() on an SQLite file
+        # Jobs finished per queue since the last addition to job_counts (the throughput chart).
+        self._finished_ok: collections.Counter[str] = collections.Counter()
+        self._finished_bad: collections.Counter[str] = collections.Counter()
         self.worker_id = str(uuid.uuid4())  # its row in ``workers``, and on the jobs it holds
         self._registered = False
         self._paused: set[str] = set()  # queues paused, as last read
@@ -338,6 +342,7 @@ class Worker:
             asyncio.create_task(self._counter(), name="routemq-outbox counter"),
             asyncio.create_task(self._heartbeats(), name="routemq-outbox heartbeats"),
             asyncio.create_task(self._rescuer(), name="routemq-outbox rescue"),
+            asyncio.create_task(self._tallies(), name="routemq-outbox counts"),
         ]
         cancelled = [
             asyncio.create_task(self._watchdog(), name="routemq-outbox watchdog"),
@@ -706,6 +711,7 @@ class Worker:
 
     def _succeeded(self, claimed: sql.Claimed, key: _Key, outcome: Outcome) -> None:
         self.stats.succeeded += 1
+        self._finished_ok[claimed.queue] += 1
         self._uncounted.pop(key, None)  # its row goes: nothing to count
         self._held[key] = _DONE
         if claimed.serial_key is not None:
@@ -865,6 +871,7 @@ class Worker:
             _log_unrecorded(claimed, "failure", moved, problem)
             return
         self.stats.failed += 1
+        self._finished_bad[claimed.queue] += 1
         if self._observer is not None:
             self._observer.recorded(claimed, outcome, ran=ran)
         how = f"failed in {_ms(outcome):.1f} ms" if outcome.job else "could not be loaded"
@@ -1214,6 +1221,28 @@ class Worker:
                 return
 
     # ------------------------------------------------------------------ reporting
+
+    async def _tallies(self) -> None:
+        """Add the jobs finished per queue to job_counts every few seconds, and once more
+        when the worker closes (a SIGKILL loses what was not added yet)."""
+        while not self._closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), _COUNTS_EVERY)
+            await self._add_counts()
+
+    async def _add_counts(self) -> None:
+        ok, bad = self._finished_ok, self._finished_bad
+        if not ok and not bad:
+            return
+        self._finished_ok, self._finished_bad = collections.Counter(), collections.Counter()
+        counts = {queue: (ok[queue], bad[queue]) for queue in ok.keys() | bad.keys()}
+        try:
+            await self._run(functools.partial(sql.record_counts, counts=counts))
+        except Exception as exc:
+            # Kept for the next round: the counts feed a chart, not worth more effort.
+            self._finished_ok.update(ok)
+            self._finished_bad.update(bad)
+            log.warning("could not add to the counts of finished jobs: %s", _brief(exc))
 
     async def _reporter(self) -> None:
         """A line at INFO every so often with what was done, instead of one per job (which

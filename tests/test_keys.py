@@ -468,7 +468,7 @@ async def test_housekeeping_promotes_a_missed_head_and_prunes_unused_keys(
     assert row.available_at < PARKED_AT
     assert row.serial_due_at is None
     async with engine.connect() as conn:
-        assert await sql.housekeep(conn) == sql.Housekept(0, 0, 0)
+        assert await sql.housekeep(conn) == sql.Housekept(0, 0, 0, 0)
 
 
 @pytest.mark.slow

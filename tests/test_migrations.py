@@ -479,6 +479,36 @@ def test_the_job_keys_revision_upgrades_a_populated_database(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_job_counts_revision_upgrades_a_populated_database(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(EMPTY_DB_URL_FIXTURES[backend])
+    before = "routemq_outbox_0006"
+    upgrade(url, before)
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO jobs (queue, payload) VALUES ('q', '{\"job\": \"x\"}')")
+            )
+        assert "job_counts" not in tables(url)
+        upgrade(url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+            conn.execute(sa.text("INSERT INTO job_counts (minute, queue) VALUES (1, 'q')"))
+            row = conn.execute(sa.text("SELECT succeeded, failed FROM job_counts")).one()
+            assert tuple(row) == (0, 0)
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO job_counts (minute, queue) VALUES (1, 'q')"))
+        downgrade(url, before)
+        assert "job_counts" not in tables(url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT queue FROM jobs")).scalars().all() == ["q"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_control_plane_revision_upgrades_a_populated_database(
     backend: str, request: pytest.FixtureRequest
 ) -> None:

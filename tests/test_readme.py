@@ -287,6 +287,33 @@ async def test_fastapi_sample_dispatches_in_the_request_transaction(
         ]
 
 
+async def test_dashboard_sample_mounts_it_under_its_prefix(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    from fastapi.testclient import TestClient
+
+    (code,) = [c for c in code_blocks(section("Dashboard"), "python") if "app.mount" in c]
+    namespace: dict[str, object] = {"__name__": "readme_dashboard"}
+    exec(compile(code, "README-dashboard", "exec"), namespace)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(failed_jobs).values(
+                uuid=str(uuid.uuid4()),
+                connection="default",
+                queue="emails",
+                payload='{"job": "shop.receipt"}',
+                exception="ValueError: no such customer",
+                attempts=3,
+            )
+        )
+    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
+        page = client.get("/outbox/failed")
+        assert page.status_code == 200
+        assert "ValueError: no such customer" in page.text
+        assert 'href="/outbox/queues"' in page.text
+    await namespace["engine"].dispose()  # type: ignore[attr-defined]
+
+
 # ----------------------------------------------------------------------------- Operating
 
 
