@@ -31,6 +31,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -62,6 +63,7 @@ __all__ = [
     "WorkerObserver",
     "WorkerSettings",
     "WorkerStats",
+    "running_engine",
 ]
 
 log = logging.getLogger("routemq_outbox.worker")
@@ -73,6 +75,14 @@ _COUNT_AFTER = 0.05  # seconds a job started from those claimed ahead runs befor
 _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its slot is freed
 _CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
 _SUMMARY_EVERY = 60.0  # seconds between the INFO lines that sum up what was done
+
+_engine: ContextVar[AsyncEngine | None] = ContextVar("routemq_outbox_worker_engine", default=None)
+
+
+def running_engine() -> AsyncEngine | None:
+    """The engine of the worker running the calling job; None outside a worker."""
+    return _engine.get()
+
 
 _Key = tuple[int, int]  # (job id, token): one claim of one job
 # What a held claim is: its attempt not counted (claimed ahead, or taken over from a silent
@@ -311,6 +321,8 @@ class Worker:
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
         self._claim_lane = _Lane(self.engine)
+        # The tasks made from here on (every job's) see it.
+        engine_token = _engine.set(self.engine)
         # These finish their round when the worker closes; the others are cancelled then.
         finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
@@ -358,6 +370,7 @@ class Worker:
             await asyncio.gather(*finishing, *cancelled, return_exceptions=True)
             await self._claim_lane.reset()
             await self._release_unfinished()
+            _engine.reset(engine_token)
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
         if self._crash is not None:
