@@ -896,28 +896,23 @@ async def finish_serial(
 _RUN_LIMIT = sa.bindparam("run_limit", type_=sa.Integer())
 
 
-@functools.cache
-def _key_runs(count: int) -> sa.Select[Any]:
-    """The runs of ``count`` keys (parameters ``key0``, ``key1``, ...): each key's first rows
-    by its own index range read, and only then their payload sizes added up."""
-    firsts: list[sa.Select[Any]] = [
+def _first_rows(key: sa.ColumnElement[str]) -> sa.Select[Any]:
+    return (
         sa.select(
-            *sa.select(
-                jobs.c.id,
-                jobs.c.serial_key,
-                jobs.c.queue,
-                _PAYLOAD_TEXT,
-                sa.case((jobs.c.serial_due_at <= db_now(), 1), else_=0).label("due"),
-            )
-            .where(jobs.c.serial_key == sa.bindparam(f"key{n}", type_=sa.String()))
-            .order_by(jobs.c.id)
-            .limit(_RUN_LIMIT)
-            .subquery()
-            .c
+            jobs.c.id,
+            jobs.c.serial_key,
+            jobs.c.queue,
+            _PAYLOAD_TEXT,
+            sa.case((jobs.c.serial_due_at <= db_now(), 1), else_=0).label("due"),
         )
-        for n in range(count)
-    ]
-    rows = (firsts[0] if count == 1 else sa.union_all(*firsts)).subquery("firsts")
+        .where(jobs.c.serial_key == key)
+        .order_by(jobs.c.id)
+        .limit(_RUN_LIMIT)
+    )
+
+
+def _runs_of(rows: sa.Subquery) -> sa.Select[Any]:
+    """Each key's rows numbered, and cut once their payloads add up to ``run_bytes``."""
     key, order = rows.c.serial_key, rows.c.id
     run = sa.select(
         *rows.c,
@@ -938,6 +933,28 @@ def _key_runs(count: int) -> sa.Select[Any]:
     )
 
 
+@functools.cache
+def _key_runs(count: int) -> sa.Select[Any]:
+    """The runs of ``count`` keys (parameters ``key0``, ``key1``, ...): each key's first rows
+    by its own index range read (not the whole key: a long backlog would be read each time)."""
+    firsts: list[sa.Select[Any]] = [
+        sa.select(*_first_rows(sa.bindparam(f"key{n}", type_=sa.String())).subquery().c)
+        for n in range(count)
+    ]
+    return _runs_of((firsts[0] if count == 1 else sa.union_all(*firsts)).subquery("firsts"))
+
+
+# PostgreSQL: the keys as one array parameter, each key's rows by a LATERAL subquery: one
+# statement text however many keys (asyncpg prepares it once per connection).
+_WANTED = (
+    sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String())))
+    .table_valued("key")
+    .render_derived(name="wanted")
+)
+_FIRSTS_PG = _first_rows(_WANTED.c.key).lateral("firsts")
+_KEY_RUNS_PG = _runs_of(
+    sa.select(*_FIRSTS_PG.c).select_from(_WANTED.join(_FIRSTS_PG, sa.true())).subquery("rows")
+)
 _RUN_KEYS_AT_ONCE = 100  # SQLite takes at most 500 terms in a UNION
 
 _DELETE_PARKED = sa.delete(jobs).where(
@@ -965,11 +982,15 @@ async def key_runs(
     in all."""
     ordered = sorted(set(keys))
     rows: list[QueuedInKey] = []
+    if family(conn.dialect.name) == "postgresql":
+        params = {"keys": ordered, "run_limit": run_limit, "run_bytes": run_bytes}
+        result = await conn.execute(_KEY_RUNS_PG, params)
+        return [QueuedInKey(int(i), k, q, p, bool(d)) for i, k, q, p, d in result]
     for start in range(0, len(ordered), _RUN_KEYS_AT_ONCE):
         chunk = ordered[start : start + _RUN_KEYS_AT_ONCE]
-        params: dict[str, Any] = {f"key{n}": key for n, key in enumerate(chunk)}
-        params.update(run_limit=run_limit, run_bytes=run_bytes)
-        result = await conn.execute(_key_runs(len(chunk)), params)
+        chunk_params: dict[str, Any] = {f"key{n}": key for n, key in enumerate(chunk)}
+        chunk_params.update(run_limit=run_limit, run_bytes=run_bytes)
+        result = await conn.execute(_key_runs(len(chunk)), chunk_params)
         rows.extend(QueuedInKey(int(i), k, q, p, bool(d)) for i, k, q, p, d in result)
     return rows
 
