@@ -25,16 +25,25 @@ import struct
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from . import sql
 from .config import MQTT_QUEUE, max_payload_bytes, redact
 from .dispatch import AsyncTarget, SyncTarget, queue
-from .errors import BrokerRejected, ConfigurationError, InvalidMessage, PayloadTooLarge
+from .errors import (
+    BrokerRejected,
+    ConfigurationError,
+    InvalidMessage,
+    JobLoadError,
+    PayloadTooLarge,
+    brief,
+)
 from .faults import Backoff
-from .job import Job
+from .job import Job, decode_payload, instantiate, job_data
+from .keys import job_keys
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -124,7 +133,7 @@ class MqttMessage(Job):
         return self.body.encode()
 
     async def handle(self) -> None:
-        await _relay().publish(self)
+        await _relay().relay(self)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -486,6 +495,11 @@ class RelayStats:
 stats = RelayStats()
 
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_Outgoing = tuple[str, bytes, int, bool, "_Packed"]  # topic, payload, qos, retain, properties
+
+
 class _Lost(Exception):
     """The connection went away before the broker acknowledged the message."""
 
@@ -507,43 +521,54 @@ def _client_class() -> type[aiomqtt.Client]:
             self._reasons[mid] = reason_code
             super()._on_publish(client, userdata, mid, reason_code, properties)
 
-        async def deliver(
-            self,
-            topic: str,
-            payload: bytes,
-            qos: int,
-            retain: bool,
-            properties: Any,
-            ack_timeout: float,
-        ) -> Any:
-            """Publish; return the reason code of the broker's acknowledgement."""
-            info = self._client.publish(topic, payload, qos, retain, properties)
-            if info.rc == paho.MQTT_ERR_PAYLOAD_SIZE:
-                raise BrokerRejected(
-                    f"the message is larger than the broker's maximum packet size "
-                    f"({len(payload)} bytes of payload)"
-                )
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                raise _Lost(paho.error_string(info.rc))
-            if not info.is_published():
-                acked = asyncio.get_running_loop().create_future()
-                # aiomqtt's _on_publish calls set() on what waits for a message id.
-                self._pending_publishes[info.mid] = _Ack(acked)  # type: ignore[assignment]
-                lost = functools.partial(_lose, acked)
-                self._disconnected.add_done_callback(lost)
-                try:
-                    await asyncio.wait_for(acked, ack_timeout)
-                except TimeoutError:
-                    raise _Lost(
-                        f"no acknowledgement from the broker within {ack_timeout:g} s"
-                    ) from None
-                except _Lost:
-                    self._reasons.pop(info.mid, None)
-                    raise
-                finally:
-                    self._disconnected.remove_done_callback(lost)
-                    self._pending_publishes.pop(info.mid, None)
-            return self._reasons.pop(info.mid, None)
+        async def deliver_run(self, run: list[_Outgoing], ack_timeout: float) -> list[Any]:
+            """Publish ``run`` in order without waiting between messages, then wait for the
+            acknowledgements: for each message, the reason code of its acknowledgement
+            (None for QoS 0), a :class:`BrokerRejected` for one the client cannot send, or a
+            :class:`_Lost` for one the connection lost before it was acknowledged."""
+            outcomes: list[Any] = [None] * len(run)
+            waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+            loop = asyncio.get_running_loop()
+            for n, (topic, payload, qos, retain, properties) in enumerate(run):
+                # paho only calls pack() on the properties.
+                info = self._client.publish(topic, payload, qos, retain, properties)  # type: ignore[arg-type]
+                if info.rc == paho.MQTT_ERR_PAYLOAD_SIZE:
+                    outcomes[n] = BrokerRejected(
+                        f"the message is larger than the broker's maximum packet size "
+                        f"({len(payload)} bytes of payload)"
+                    )
+                elif info.rc != paho.MQTT_ERR_SUCCESS:
+                    # Nothing after it may go out before it: the rest waits with it.
+                    outcomes[n:] = [_Lost(paho.error_string(info.rc))] * (len(run) - n)
+                    break
+                elif info.is_published():
+                    outcomes[n] = self._reasons.pop(info.mid, None)
+                else:
+                    acked = loop.create_future()
+                    # aiomqtt's _on_publish calls set() on what waits for a message id.
+                    self._pending_publishes[info.mid] = _Ack(acked)  # type: ignore[assignment]
+                    waiting.append((n, info.mid, acked))
+            if not waiting:
+                return outcomes
+            futures = [acked for _, _, acked in waiting]
+            lost = functools.partial(_lose, futures)
+            self._disconnected.add_done_callback(lost)
+            try:
+                await asyncio.wait(futures, timeout=ack_timeout)
+            finally:
+                self._disconnected.remove_done_callback(lost)
+                for n, mid, acked in waiting:
+                    self._pending_publishes.pop(mid, None)
+                    reason = self._reasons.pop(mid, None)
+                    if not acked.done():
+                        outcomes[n] = _Lost(
+                            f"no acknowledgement from the broker within {ack_timeout:g} s"
+                        )
+                    elif acked.exception() is not None:
+                        outcomes[n] = acked.exception()
+                    else:
+                        outcomes[n] = reason
+            return outcomes
 
     return Client
 
@@ -561,11 +586,12 @@ class _Ack:
             self.future.set_result(None)
 
 
-def _lose(acked: asyncio.Future[None], _: object) -> None:
-    if not acked.done():
-        acked.set_exception(
-            _Lost("the connection was lost before the broker acknowledged the message")
-        )
+def _lose(futures: list[asyncio.Future[None]], _: object) -> None:
+    for acked in futures:
+        if not acked.done():
+            acked.set_exception(
+                _Lost("the connection was lost before the broker acknowledged the message")
+            )
 
 
 def _string(text: str) -> bytes:
@@ -616,14 +642,58 @@ class _BrokerBackoff(Backoff):
     MAX = 5.0
 
 
+class _Batched(Generic[_T, _R]):
+    """Calls made while the operation runs wait and go together into its next round: one
+    statement for the runs of many keys, not one each."""
+
+    def __init__(self, operation: Callable[[list[_T]], Awaitable[_R]]) -> None:
+        self._operation = operation
+        self._queued: list[tuple[_T, asyncio.Future[_R]]] = []
+        self._task: asyncio.Future[None] | None = None
+
+    async def __call__(self, item: _T) -> _R:
+        done: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, done))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._rounds())
+        return await done
+
+    async def _rounds(self) -> None:
+        batch: list[tuple[_T, asyncio.Future[_R]]] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    result = await self._operation([item for item, _ in batch])
+                except Exception as exc:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                else:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(result)
+        finally:
+            self._task = None
+            for _, done in [*batch, *self._queued]:
+                done.cancel()  # only when the loop ends: a no-op on those already answered
+
+
 class Relay:
     """One broker connection shared by every relay job of a worker process.
+
+    A job holding the head of its key publishes the messages queued behind it with it, in
+    order, without waiting for each acknowledgement (see :meth:`relay`).
 
     While the broker is unreachable, jobs wait here for the connection (so an outage spends
     no attempts) and the connection is retried with backoff, logged once per outage.
     """
 
     ack_timeout = 30.0
+    run_limit = 1000
+    """Messages of a key published at once: its head and those queued behind it."""
+    run_bytes = 512 * 1024
+    """Payload text a run reads from the database, at most (beyond its head)."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -633,28 +703,124 @@ class Relay:
         self._backoff = _BrokerBackoff()
         self._class = _client_class()
         self._closing: set[asyncio.Future[None]] = set()
+        self._read_runs = _Batched(self._key_runs)
+        self._forget = _Batched(self._delete_sent)
 
-    async def publish(self, job: MqttMessage) -> None:
-        properties = _Packed(job)
-        payload = job.payload
-        while True:
-            client = await self._connection()
+    async def relay(self, head: MqttMessage) -> None:
+        """Publish ``head``, a message this worker holds as the head of its key, and the
+        messages queued behind it (up to :attr:`run_limit` of the same QoS, due, in id order),
+        in order over the one connection, without waiting for each acknowledgement; then
+        delete those the broker acknowledged (``head`` is the worker's to delete: that
+        promotes the next message of its key).
+
+        A follower the broker refuses stays, and becomes the key's head once ``head`` is
+        deleted: it is then published again, alone, and spends attempts as any head does.
+        The followers after it that the broker accepted are not held back by it. Raises
+        :class:`BrokerRejected` when the broker refused ``head``.
+        """
+        run = [head, *await self._followers(head)]
+        refused = await self._publish(run)
+        accepted = [job.job_id for job, no in zip(run[1:], refused[1:], strict=True) if no is None]
+        if accepted:
             try:
-                reason = await client.deliver(
-                    job.topic, payload, job.qos, job.retain, properties, self.ack_timeout
+                await self._forget([job_id for job_id in accepted if job_id is not None])
+            except Exception as exc:
+                log.warning(
+                    "could not delete %d messages the broker acknowledged (%s): they will be "
+                    "published again",
+                    len(accepted),
+                    brief(exc),
                 )
-            except _Lost as exc:
-                self._lost(client, str(exc))
-                stats.retried += 1
-                continue
-            if reason is not None and reason.is_failure:
-                stats.rejected += 1
-                raise BrokerRejected(
-                    f"the broker refused the message to {job.topic[:200]!r}: "
-                    f"{reason.getName()} (reason code {reason.value:#04x})"
-                )
-            stats.published += 1
-            return
+        if refused[0] is not None:
+            raise refused[0]
+
+    async def _followers(self, head: MqttMessage) -> list[MqttMessage]:
+        """The messages queued behind ``head`` in its key that may go out with it."""
+        from .worker import running_engine
+
+        key = job_keys(head, job_data).serial_key
+        if self.run_limit <= 1 or key is None or head.job_id is None or running_engine() is None:
+            return []
+        try:
+            runs = await self._read_runs(key)
+        except Exception as exc:
+            log.debug("reading the messages behind a key's head failed: %s", brief(exc))
+            return []
+        rows = runs.get(key, [])
+        if not rows or rows[0].id != head.job_id:
+            return []  # not the head any more: this worker's hold on it expired
+        followers: list[MqttMessage] = []
+        for row in rows[1:]:
+            # A run stops where order could break: at a message that is not due yet, of
+            # another QoS (brokers may deliver QoS 0, 1 and 2 in different orders), or that
+            # is not a plain MQTT message of the head's queue.
+            if not row.due or row.queue != rows[0].queue:
+                break
+            try:
+                name, data, _ = decode_payload(row.payload)
+                job = instantiate(name, data, row.queue)
+            except JobLoadError:
+                break
+            if not isinstance(job, MqttMessage) or job.qos != head.qos:
+                break
+            job.__dict__["_job_id"] = row.id
+            followers.append(job)
+        return followers
+
+    async def _key_runs(self, keys: list[str]) -> dict[str, list[sql.QueuedInKey]]:
+        from .worker import running_engine
+
+        engine = running_engine()
+        assert engine is not None
+        async with engine.connect() as conn:
+            rows = await sql.key_runs(
+                conn, keys, run_limit=self.run_limit, run_bytes=self.run_bytes
+            )
+        runs: dict[str, list[sql.QueuedInKey]] = {}
+        for row in rows:
+            runs.setdefault(row.serial_key, []).append(row)
+        return runs
+
+    async def _delete_sent(self, runs: list[list[int]]) -> None:
+        from .worker import running_engine
+
+        engine = running_engine()
+        assert engine is not None
+        async with engine.connect() as conn:
+            await sql.delete_parked(conn, [job_id for run in runs for job_id in run])
+
+    async def _publish(self, run: list[MqttMessage]) -> list[BrokerRejected | None]:
+        """Publish ``run`` in order until the broker acknowledged every message (through
+        outages: the unacknowledged rest is sent again, in order, on the next connection);
+        returns the broker's refusal of each, or None."""
+        outgoing = [(job.topic, job.payload, job.qos, job.retain, _Packed(job)) for job in run]
+        refused: list[BrokerRejected | None] = [None] * len(run)
+        unsent = list(range(len(run)))
+        while unsent:
+            client = await self._connection()
+            outcomes = await client.deliver_run([outgoing[n] for n in unsent], self.ack_timeout)
+            lost: list[int] = []
+            for n, outcome in zip(unsent, outcomes, strict=True):
+                if isinstance(outcome, _Lost):
+                    lost.append(n)
+                    why = str(outcome)
+                elif isinstance(outcome, BrokerRejected):
+                    refused[n] = outcome
+                elif outcome is not None and outcome.is_failure:
+                    refused[n] = BrokerRejected(
+                        f"the broker refused the message to {run[n].topic[:200]!r}: "
+                        f"{outcome.getName()} (reason code {outcome.value:#04x})"
+                    )
+                else:
+                    stats.published += 1
+                    continue
+                if refused[n] is not None:
+                    stats.rejected += 1
+            if lost:
+                self._lost(client, why)
+                stats.retried += len(lost)
+            unsent = lost
+        return refused
 
     async def _connection(self) -> Any:
         client = self._client

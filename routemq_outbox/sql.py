@@ -75,6 +75,7 @@ __all__ = [
     "LatestSlot",
     "MinuteCounts",
     "QueueCounts",
+    "QueuedInKey",
     "Taken",
     "WorkerRow",
     "cancel_jobs",
@@ -85,6 +86,7 @@ __all__ = [
     "count_attempts",
     "database_now",
     "delete_failed",
+    "delete_parked",
     "enqueue_slot",
     "explain_claim",
     "extend_leases",
@@ -102,6 +104,7 @@ __all__ = [
     "job_page",
     "jobs_by_id",
     "jobs_statement",
+    "key_runs",
     "known_queues",
     "latest_slots",
     "lock_serial_keys",
@@ -1031,6 +1034,127 @@ async def finish_serial(
             result = await conn.execute(sa.delete(jobs).where(_held(conn.dialect.name, pairs)))
         await _promote(conn, keys, notify=notify)
     return int(result.rowcount)
+
+
+# A key's run: its head and the jobs parked behind it, in id order, at most ``run_limit`` rows
+# and ``run_bytes`` of payload (the head always), read in one statement for many keys. The
+# MQTT relay sends a run over one connection while it holds the head (a parked job cannot be
+# claimed: the head stays until its holder deletes it), then deletes what the broker took.
+_RUN_LIMIT = sa.bindparam("run_limit", type_=sa.Integer())
+
+
+def _first_rows(key: sa.ColumnElement[str]) -> sa.Select[Any]:
+    return (
+        sa.select(
+            jobs.c.id,
+            jobs.c.serial_key,
+            jobs.c.queue,
+            _PAYLOAD_TEXT,
+            sa.case((jobs.c.serial_due_at <= db_now(), 1), else_=0).label("due"),
+        )
+        .where(jobs.c.serial_key == key)
+        .order_by(jobs.c.id)
+        .limit(_RUN_LIMIT)
+    )
+
+
+def _runs_of(rows: sa.Subquery) -> sa.Select[Any]:
+    """Each key's rows numbered, and cut once their payloads add up to ``run_bytes``."""
+    key, order = rows.c.serial_key, rows.c.id
+    run = sa.select(
+        *rows.c,
+        sa.func.row_number().over(partition_by=key, order_by=order).label("position"),
+        sa.func.sum(sa.func.length(rows.c.payload))
+        .over(partition_by=key, order_by=order)
+        .label("size"),
+    ).subquery("run")
+    return (
+        sa.select(run.c.id, run.c.serial_key, run.c.queue, run.c.payload, run.c.due)
+        .where(
+            sa.or_(
+                run.c.position == 1,
+                run.c.size <= sa.bindparam("run_bytes", type_=sa.BigInteger()),
+            )
+        )
+        .order_by(run.c.serial_key, run.c.id)
+    )
+
+
+@functools.cache
+def _key_runs(count: int) -> sa.Select[Any]:
+    """The runs of ``count`` keys (parameters ``key0``, ``key1``, ...): each key's first rows
+    by its own index range read (not the whole key: a long backlog would be read each time)."""
+    firsts: list[sa.Select[Any]] = [
+        sa.select(*_first_rows(sa.bindparam(f"key{n}", type_=sa.String())).subquery().c)
+        for n in range(count)
+    ]
+    return _runs_of((firsts[0] if count == 1 else sa.union_all(*firsts)).subquery("firsts"))
+
+
+# PostgreSQL: the keys as one array parameter, each key's rows by a LATERAL subquery: one
+# statement text however many keys (asyncpg prepares it once per connection).
+_WANTED = (
+    sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String())))
+    .table_valued("key")
+    .render_derived(name="wanted")
+)
+_FIRSTS_PG = _first_rows(_WANTED.c.key).lateral("firsts")
+_KEY_RUNS_PG = _runs_of(
+    sa.select(*_FIRSTS_PG.c).select_from(_WANTED.join(_FIRSTS_PG, sa.true())).subquery("rows")
+)
+_RUN_KEYS_AT_ONCE = 100  # SQLite takes at most 500 terms in a UNION
+
+_DELETE_PARKED = sa.delete(jobs).where(
+    jobs.c.id.in_(sa.bindparam("parked_ids", expanding=True)), jobs.c.serial_due_at.isnot(None)
+)
+_MANY = 500  # ids per statement: within every engine's parameter limit
+
+
+class QueuedInKey(NamedTuple):
+    """A job of a serial key, as :func:`key_runs` reads it; ``due``: parked behind the head,
+    and its due time has come."""
+
+    id: int
+    serial_key: str
+    queue: str
+    payload: str
+    due: bool
+
+
+async def key_runs(
+    conn: AsyncConnection, keys: Sequence[str], *, run_limit: int, run_bytes: int
+) -> list[QueuedInKey]:
+    """The first jobs of each of ``keys`` in id order (the first is the key's head): at most
+    ``run_limit`` per key, and, after the head, no more than ``run_bytes`` of payload text
+    in all."""
+    ordered = sorted(set(keys))
+    rows: list[QueuedInKey] = []
+    if family(conn.dialect.name) == "postgresql":
+        params = {"keys": ordered, "run_limit": run_limit, "run_bytes": run_bytes}
+        result = await conn.execute(_KEY_RUNS_PG, params)
+        return [QueuedInKey(int(i), k, q, p, bool(d)) for i, k, q, p, d in result]
+    for start in range(0, len(ordered), _RUN_KEYS_AT_ONCE):
+        chunk = ordered[start : start + _RUN_KEYS_AT_ONCE]
+        chunk_params: dict[str, Any] = {f"key{n}": key for n, key in enumerate(chunk)}
+        chunk_params.update(run_limit=run_limit, run_bytes=run_bytes)
+        result = await conn.execute(_key_runs(len(chunk)), chunk_params)
+        rows.extend(QueuedInKey(int(i), k, q, p, bool(d)) for i, k, q, p, d in result)
+    return rows
+
+
+async def delete_parked(conn: AsyncConnection, ids: Sequence[int]) -> int:
+    """Delete jobs that are parked behind the head of their key, by id; returns how many.
+
+    Autocommit statements (the mode stays until the connection goes back to its pool): no
+    write transaction stays open across an await (see :func:`housekeep`). A job promoted
+    meanwhile (its head left: the caller's hold on it had expired) is not parked and stays.
+    """
+    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    deleted = 0
+    for start in range(0, len(ids), _MANY):
+        chunk = list(ids[start : start + _MANY])
+        deleted += int((await conn.execute(_DELETE_PARKED, {"parked_ids": chunk})).rowcount)
+    return deleted
 
 
 async def count_attempts(conn: AsyncConnection, pairs: Sequence[tuple[int, int]]) -> int:

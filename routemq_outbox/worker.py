@@ -34,6 +34,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol, TypeVar
@@ -67,6 +68,7 @@ __all__ = [
     "WorkerObserver",
     "WorkerSettings",
     "WorkerStats",
+    "running_engine",
 ]
 
 log = logging.getLogger("routemq_outbox.worker")
@@ -84,6 +86,14 @@ _CANCEL_WAIT = 5.0  # seconds job code gets to end once cancelled, before its sl
 _CLOSING_PERSISTENCE = 10.0  # seconds a closing worker keeps trying to record outcomes
 _SUMMARY_EVERY = 60.0  # seconds between the INFO lines that sum up what was done
 _COUNTS_EVERY = 5.0  # seconds between additions to the per-minute counts of finished jobs
+
+_engine: ContextVar[AsyncEngine | None] = ContextVar("routemq_outbox_worker_engine", default=None)
+
+
+def running_engine() -> AsyncEngine | None:
+    """The engine of the worker running the calling job; None outside a worker."""
+    return _engine.get()
+
 
 _Key = tuple[int, int]  # (job id, token): one claim of one job
 # What a held claim is: its attempt not counted (claimed ahead, or taken over from a silent
@@ -336,6 +346,8 @@ class Worker:
         listening = settings.listen and self.engine.dialect.name == "postgresql"
         self._log_start(listening)
         self._open()
+        # The tasks made from here on (every job's) see it.
+        engine_token = _engine.set(self.engine)
         # These finish their round when the worker closes; the others are cancelled then.
         finishing = [
             asyncio.create_task(self._completer(), name="routemq-outbox completer"),
@@ -386,6 +398,7 @@ class Worker:
             await self._release_unfinished()
             await self._unregister()
             await self._close()
+            _engine.reset(engine_token)
             if self._owns_engine and self._engine is not None:
                 await self._engine.dispose()
         if self._crash is not None:
