@@ -94,6 +94,7 @@ __all__ = [
     "pause_queue",
     "paused_queues",
     "prune_failed",
+    "queue_names",
     "queue_size",
     "queue_stats",
     "resume_queue",
@@ -694,7 +695,9 @@ async def _served(engine: AsyncEngine, queue: str) -> bool:
 @dataclass(frozen=True)
 class QueueState:
     """A queue's state and counts: ``pending`` (due), ``delayed``, ``running``, ``failed``,
-    and how long its oldest due job has waited, in seconds (None: none is due)."""
+    and how long its oldest due job has waited, in seconds (None: none is due). ``capped``
+    names the counts that reached the cap given to list_queues: those hold the cap, and the
+    queue has at least that many (more, most likely)."""
 
     name: str
     paused: bool
@@ -703,26 +706,54 @@ class QueueState:
     running: int
     failed: int
     oldest_due_age: float | None
+    capped: frozenset[str] = frozenset()
 
 
-async def list_queues(engine: AsyncEngine) -> list[QueueState]:
-    """Every queue with jobs, failed jobs or a pause, by name."""
+async def list_queues(engine: AsyncEngine, *, cap: int | None = None) -> list[QueueState]:
+    """Every queue with jobs, failed jobs or a pause, by name.
+
+    With ``cap``, no count goes past it: each reads at most ``cap + 1`` index entries, so the
+    list costs the same with a million jobs as with ten thousand (what the dashboard wants).
+    Without, the counts are exact, and read all of the indexes they count."""
+    if cap is not None and cap < 1:
+        raise ValueError(f"cap must be at least 1, got {cap}")
     paused = await sql.paused_queue_names(engine)
-    counts = {c.queue: c for c in await sql.queue_counts(engine)}
+    if cap is None:
+        found = await sql.queue_counts(engine)
+    else:
+        names = sorted(set(await sql.known_queues(engine)) | paused)
+        found = await sql.capped_queue_counts(engine, names, cap)
+    counts = {c.queue: c for c in found}
     for name in paused - counts.keys():
         counts[name] = QueueCounts(name)
-    return [
-        QueueState(
-            name=name,
-            paused=name in paused,
-            pending=c.pending,
-            delayed=c.delayed,
-            running=c.reserved,
-            failed=c.failed,
-            oldest_due_age=c.oldest_due_age,
+    states = []
+    for name, c in sorted(counts.items()):
+        values = {"pending": c.pending, "delayed": c.delayed, "running": c.reserved}
+        values["failed"] = c.failed
+        over = frozenset(k for k, v in values.items() if cap is not None and v > cap)
+        shown = {k: cap if cap is not None and k in over else v for k, v in values.items()}
+        states.append(
+            QueueState(
+                name=name,
+                paused=name in paused,
+                pending=shown["pending"],
+                delayed=shown["delayed"],
+                running=shown["running"],
+                failed=shown["failed"],
+                oldest_due_age=c.oldest_due_age,
+                capped=over,
+            )
         )
-        for name, c in sorted(counts.items())
-    ]
+    return states
+
+
+async def queue_names(engine: AsyncEngine, *, failed_only: bool = False) -> list[str]:
+    """The queues list_queues lists (``failed_only``: those with failed jobs), sorted, without
+    counting anything: one index probe per name."""
+    names = set(await sql.known_queues(engine, failed_only=failed_only))
+    if not failed_only:
+        names |= await sql.paused_queue_names(engine)
+    return sorted(names)
 
 
 # ----------------------------------------------------------------------------- workers

@@ -80,6 +80,7 @@ __all__ = [
     "WorkerRow",
     "cancel_jobs",
     "cancel_requested_ids",
+    "capped_queue_counts",
     "claim",
     "claim_statement_text",
     "clear_queue",
@@ -1437,12 +1438,127 @@ async def queue_exists(engine: AsyncEngine, queue: str) -> bool:
         return bool((await conn.execute(sa.select(sa.or_(in_jobs, in_failed)))).scalar_one())
 
 
-async def known_queues(engine: AsyncEngine) -> list[str]:
-    """Every queue that has jobs or failed jobs, sorted."""
-    names = sa.union(sa.select(jobs.c.queue), sa.select(failed_jobs.c.queue)).subquery()
+def _first_above(
+    table: sa.Table, where: Sequence[sa.ColumnElement[bool]], above: sa.ColumnElement[Any] | None
+) -> sa.ScalarSelect[Any]:
+    """The smallest queue name of ``table``'s rows (matching ``where``) above ``above``: one
+    probe of an index whose leading column is ``queue``."""
+    step = [] if above is None else [table.c.queue > above]
+    return (
+        sa.select(table.c.queue)
+        .where(*where, *step)
+        .order_by(table.c.queue)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _skip_scan(table: sa.Table, where: Sequence[sa.ColumnElement[bool]]) -> sa.Select[Any]:
+    """The distinct queue names of ``table`` (rows matching ``where``), one index probe per
+    name: a recursive "loose index scan", where DISTINCT or GROUP BY would read every row's
+    index entry on PostgreSQL and SQLite."""
+    first = sa.select(_first_above(table, where, None).label("queue"))
+    names = first.cte(f"{table.name}_names", recursive=True)
+    names = names.union_all(
+        sa.select(_first_above(table, where, names.c.queue)).where(names.c.queue.isnot(None))
+    )
+    return sa.select(names.c.queue).where(names.c.queue.isnot(None))
+
+
+def _queue_name_statements(dialect: str, failed_only: bool) -> list[sa.Select[Any]]:
+    """Statements whose rows together name every queue with jobs (unless ``failed_only``) and
+    with failed jobs, each reading an index with ``queue`` in front, one entry per name.
+
+    MySQL and MariaDB do this themselves for a GROUP BY on such an index ("Using index for
+    group-by"); PostgreSQL and SQLite need it spelled out. There the claim index holds only
+    waiting jobs: the reserved ones, as many as the workers run at once, come from the lease
+    index."""
+    if family(dialect) == "mysql":
+        tables = [failed_jobs] if failed_only else [jobs, failed_jobs]
+        return [sa.select(t.c.queue).group_by(t.c.queue) for t in tables]
+    statements = [_skip_scan(failed_jobs, [])]
+    if not failed_only:
+        statements += [
+            _skip_scan(jobs, [jobs.c.reserved_at.is_(None)]),
+            sa.select(jobs.c.queue)
+            .where(jobs.c.reserved_at.isnot(None), jobs.c.lease_expires_at.isnot(None))
+            .distinct(),
+        ]
+    return statements
+
+
+async def known_queues(engine: AsyncEngine, *, failed_only: bool = False) -> list[str]:
+    """Every queue that has jobs or failed jobs (``failed_only``: failed jobs), sorted."""
+    names: set[str] = set()
     async with engine.connect() as conn:
-        result = await conn.execute(sa.select(names.c.queue).order_by(names.c.queue))
-        return [str(name) for name in result.scalars()]
+        for statement in _queue_name_statements(conn.dialect.name, failed_only):
+            names.update(str(name) for name in (await conn.execute(statement)).scalars())
+    return sorted(names)
+
+
+def _capped_count(
+    where: Sequence[sa.ColumnElement[bool]], cap: int, table: sa.Table = jobs
+) -> sa.ScalarSelect[Any]:
+    """How many rows match ``where``, reading at most ``cap + 1`` index entries."""
+    some: sa.Select[Any] = (
+        sa.select(sa.literal_column("1")).select_from(table).where(*where).limit(cap + 1)
+    )
+    return sa.select(sa.func.count()).select_from(some.subquery()).scalar_subquery()
+
+
+def _capped_counts_statement(queue: str, cap: int) -> sa.Select[Any]:
+    """One queue's counts, each stopping at ``cap + 1``. Each reads an index range: waiting
+    jobs one range of the claim index per priority level (``available_at`` follows
+    ``priority`` there), reserved ones the lease index (see queue_counts_statement), failed
+    ones their queue index. The oldest waiting job is one probe per level."""
+    name = sa.literal(queue, sa.String())
+    waiting = (jobs.c.queue == name, jobs.c.reserved_at.is_(None))
+    levels = jobs.c.priority.in_(_LEVELS)
+    oldest = sa.union_all(
+        *(
+            sa.select(sa.func.min(jobs.c.available_at).label("at")).where(
+                *waiting, jobs.c.priority == level
+            )
+            for level in _LEVELS
+        )
+    ).subquery("oldest")
+    return sa.select(
+        _capped_count([*waiting, levels, jobs.c.available_at <= db_now()], cap).label("pending"),
+        _capped_count([*waiting, levels, jobs.c.available_at > db_now()], cap).label("delayed"),
+        _capped_count(
+            [
+                jobs.c.queue == name,
+                jobs.c.reserved_at.isnot(None),
+                jobs.c.lease_expires_at.isnot(None),
+            ],
+            cap,
+        ).label("reserved"),
+        _capped_count([failed_jobs.c.queue == name], cap, failed_jobs).label("failed"),
+        sa.select(seconds_since(sa.func.min(oldest.c.at))).scalar_subquery().label("oldest_age"),
+    )
+
+
+async def capped_queue_counts(
+    engine: AsyncEngine, queues: Sequence[str], cap: int
+) -> list[QueueCounts]:
+    """Like queue_counts for ``queues``, but a count that would pass ``cap`` stops at
+    ``cap + 1``: each is a bounded read, however many jobs wait. (A statement per queue, so
+    not one snapshot: good enough for a page that refreshes.)"""
+    found = []
+    async with engine.connect() as conn:
+        for name in queues:
+            row = (await conn.execute(_capped_counts_statement(name, cap))).one()
+            found.append(
+                QueueCounts(
+                    name,
+                    pending=int(row.pending),
+                    delayed=int(row.delayed),
+                    reserved=int(row.reserved),
+                    failed=int(row.failed),
+                    oldest_due_age=max(0.0, float(row.oldest_age)) if row.pending else None,
+                )
+            )
+    return found
 
 
 async def clear_queue(engine: AsyncEngine, queue: str) -> int:

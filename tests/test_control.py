@@ -263,6 +263,84 @@ async def test_pause_and_resume_queues(engine: AsyncEngine) -> None:
     assert not any(q.paused for q in await admin.list_queues(engine))
 
 
+async def add_failed(engine: AsyncEngine, queue_name: str, count: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(failed_jobs),
+            [
+                {
+                    "uuid": f"00000000-0000-4000-8000-{queue_name[:4]:0>4}{i:08d}",
+                    "connection": "default",
+                    "queue": queue_name,
+                    "payload": json.dumps({"job": "tests.record", "data": {"key": str(i)}}),
+                    "exception": "ValueError: boom",
+                    "attempts": 3,
+                }
+                for i in range(count)
+            ],
+        )
+
+
+async def test_capped_counts_stop_at_the_cap_and_say_which_reached_it(
+    engine: AsyncEngine,
+) -> None:
+    await add(engine, [f"p{i}" for i in range(7)], queue_name="mail")
+    await add(engine, ["d0", "d1"], queue_name="mail", delay=60)
+    await hold(engine, "mail", 2)
+    await add_failed(engine, "mail", 4)
+    await add(engine, [f"h{i}" for i in range(3)], queue_name="sms", priority=9)
+    await add_failed(engine, "gone", 1)
+    await admin.pause_queue(engine, "sms")
+
+    exact = {q.name: q for q in await admin.list_queues(engine)}
+    assert [(q.pending, q.delayed, q.running, q.failed) for q in exact.values()] == [
+        (0, 0, 0, 1),
+        (5, 2, 2, 4),
+        (3, 0, 0, 0),
+    ]
+    assert all(q.capped == frozenset() for q in exact.values())
+
+    capped = {q.name: q for q in await admin.list_queues(engine, cap=3)}
+    assert list(capped) == list(exact)
+    mail = capped["mail"]
+    assert (mail.pending, mail.delayed, mail.running, mail.failed) == (3, 2, 2, 3)
+    assert mail.capped == {"pending", "failed"}
+    assert mail.oldest_due_age == pytest.approx(exact["mail"].oldest_due_age, abs=5)
+    assert mail.oldest_due_age is not None
+    assert mail.oldest_due_age >= 9
+    sms = capped["sms"]
+    assert (sms.paused, sms.pending, sms.capped) == (True, 3, frozenset())  # at the cap: exact
+    assert sms.oldest_due_age is not None  # found on its own priority level
+    assert capped["gone"] == exact["gone"]
+
+    def counted(q: admin.QueueState) -> tuple[object, ...]:
+        return (q.name, q.paused, q.pending, q.delayed, q.running, q.failed, q.capped)
+
+    roomy = await admin.list_queues(engine, cap=100)
+    assert [counted(q) for q in roomy] == [counted(q) for q in exact.values()]
+    with pytest.raises(ValueError, match="cap"):
+        await admin.list_queues(engine, cap=0)
+
+
+async def test_queue_names_are_the_queues_list_queues_lists(engine: AsyncEngine) -> None:
+    assert await admin.queue_names(engine) == []
+    await add(engine, ["a"], queue_name="waiting")
+    await add(engine, ["b"], queue_name="later", delay=60)
+    await add(engine, ["c"], queue_name="running")
+    await hold(engine, "running", 1)
+    await add_failed(engine, "broken", 2)
+    await add_failed(engine, "waiting", 1)
+    await add(engine, ["d"], queue_name="zzz")
+    await admin.pause_queue(engine, "zzz")
+    await admin.cancel_matching(engine, queue="zzz")  # its job goes to failed_jobs
+
+    names = await admin.queue_names(engine)
+    assert names == [q.name for q in await admin.list_queues(engine)]
+    assert names == ["broken", "later", "running", "waiting", "zzz"]
+    assert await sql.known_queues(engine) == [q.queue for q in await admin.queue_stats(engine)]
+    assert await admin.queue_names(engine, failed_only=True) == ["broken", "waiting", "zzz"]
+
+
 async def test_an_idle_queue_a_live_worker_serves_can_be_paused(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await sql.register_worker(

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from routemq_outbox import Worker, WorkerSettings, admin, queue, sql
 from routemq_outbox.cli import app as cli_app
+from routemq_outbox.dashboard import app as dashboard_app
 from routemq_outbox.dashboard import create_app
 from routemq_outbox.database import create_engine
 from routemq_outbox.errors import ConfigurationError
@@ -160,6 +161,33 @@ async def test_every_page_answers_with_what_the_tables_hold(
         page = await client.get(path)
         assert page.status_code == 200, path
     assert 'data-queue="mail"' in (await client.get("/queues")).text
+
+
+async def test_counts_past_the_cap_show_it_with_a_plus_and_menus_list_names(
+    client: httpx.AsyncClient, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard_app, "COUNT_CAP", 3)
+    await add_jobs(engine, 5, "mail")
+    await add_jobs(engine, 3, "mail", delay=3600)
+    await add_failed(engine, 4, "mail")
+    await add_failed(engine, 1, "old")
+    await add_jobs(engine, 1, "sms", delay=3600)
+
+    for path in ("/", "/queues"):
+        page = await client.get(path)
+        row = re.search(r'<tr data-queue="mail">(.*?)</tr>', page.text, re.S)
+        assert row, page.text
+        cells = re.findall(r'<td class="n">(?:<a [^>]*>)?([\d,+]+)<', row[1])[:4]
+        assert cells == ["3+", "3", "0", "3+"], path
+
+    def menu(page: httpx.Response) -> list[str]:
+        found = re.search(r'<select name="queue">(.*?)</select>', page.text, re.S)
+        assert found, page.text
+        return re.findall(r"<option(?: selected)?>([^<]+)</option>", found[1])
+
+    assert menu(await client.get("/jobs")) == ["mail", "old", "sms"]
+    assert menu(await client.get("/jobs")) == await sql.known_queues(engine)
+    assert menu(await client.get("/failed")) == ["mail", "old"]
 
 
 async def test_unknown_ids_and_bad_parameters_are_refused_with_a_page(

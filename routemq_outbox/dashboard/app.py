@@ -46,6 +46,9 @@ PASSWORD_ENV = "ROUTEMQ_OUTBOX_DASHBOARD_PASSWORD"  # noqa: S105 - the variable'
 PAGE_SIZE = 50
 _MAX_SELECTED = 1000  # ids one form may name: a page's worth, with room to spare
 _STATES = ("pending", "delayed", "running")
+# Counts stop here ("10,000+"): an exact count reads every index entry it counts, which a
+# page that refreshes every few seconds cannot afford with a million jobs waiting.
+COUNT_CAP = 10_000
 
 
 def credentials(environ: dict[str, str] | None = None) -> tuple[str, str] | None:
@@ -212,6 +215,12 @@ def _age(seconds: float | None) -> str:
     return f"{days}d {hours:02d}h"
 
 
+def _count(queue: admin.QueueState, name: str) -> str:
+    """A count of the queue's, "10,000+" when it reached the cap."""
+    value: int = getattr(queue, name)
+    return f"{value:,}+" if name in queue.capped else str(value)
+
+
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -225,6 +234,7 @@ def _templates() -> jinja2.Environment:
     env.filters["age"] = _age
     env.filters["when"] = _when
     env.filters["pretty"] = _pretty
+    env.filters["count"] = _count
     return env
 
 
@@ -235,7 +245,7 @@ def _pages(dash: _Dashboard) -> list[Route]:
     engine = dash.engine
 
     async def overview(request: Request) -> Response:
-        queues = await admin.list_queues(engine)
+        queues = await admin.list_queues(engine, cap=COUNT_CAP)
         history = await admin.throughput(engine)
         return dash.render(
             request,
@@ -264,7 +274,7 @@ def _pages(dash: _Dashboard) -> list[Route]:
             page=page,
             filters=filters,
             states=_STATES,
-            queues=[q.name for q in await admin.list_queues(engine)],
+            queues=await admin.queue_names(engine),
             first_page=after is None,
         )
 
@@ -304,7 +314,7 @@ def _pages(dash: _Dashboard) -> list[Route]:
             page=page,
             queue=queue,
             before=before,
-            queues=[q.name for q in await admin.list_queues(engine) if q.failed],
+            queues=await admin.queue_names(engine, failed_only=True),
             page_size=PAGE_SIZE,
         )
 
@@ -330,7 +340,9 @@ def _pages(dash: _Dashboard) -> list[Route]:
         return _redirect(request, "failed", {"queue": queue, "done": done, "n": count})
 
     async def queues_page(request: Request) -> Response:
-        return dash.render(request, "queues.html", queues=await admin.list_queues(engine))
+        return dash.render(
+            request, "queues.html", queues=await admin.list_queues(engine, cap=COUNT_CAP)
+        )
 
     async def queues_action(request: Request) -> Response:
         form = await dash.action_form(request)
