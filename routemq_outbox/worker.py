@@ -431,6 +431,10 @@ class Worker:
     async def _claim_loop(self) -> None:
         settings = self.settings
         backoff = faults.Backoff()
+        # The first round of taking over expired leases (and of housekeeping) goes first: older
+        # work before new, and on SQLite none of its transactions is still open when the first
+        # job starts, should that job block the event loop.
+        await self._rescued.wait()
         while not self._stopping.is_set():
             if settings.max_jobs is not None and self.stats.claimed >= settings.max_jobs:
                 log.info("claimed --max-jobs=%d jobs; finishing", settings.max_jobs)
@@ -1052,17 +1056,19 @@ class Worker:
                 await asyncio.wait_for(self._closed.wait(), pause)
 
     async def _heartbeat(self) -> None:
-        await self._presence()
         pairs = list(self._held)
-        if not pairs:
-            return
-        # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken over
-        # is reported where its outcome is written, which its token no longer allows.
-        async with self.engine.connect() as conn:
-            for start in range(0, len(pairs), _FINISH_BATCH):
-                await sql.extend_leases(
-                    conn, pairs[start : start + _FINISH_BATCH], self.settings.lease
-                )
+        if pairs:
+            # Fewer rows than pairs is normal (jobs finished meanwhile); a job really taken
+            # over is reported where its outcome is written, which its token no longer allows.
+            async with self.engine.connect() as conn:
+                for start in range(0, len(pairs), _FINISH_BATCH):
+                    await sql.extend_leases(
+                        conn, pairs[start : start + _FINISH_BATCH], self.settings.lease
+                    )
+        try:
+            await self._presence()
+        except Exception as exc:  # leases matter more: they were extended first, and go on
+            log.warning("could not refresh this worker's row in workers: %s", _brief(exc))
 
     async def _presence(self) -> None:
         """Keep the worker's row in ``workers`` fresh (insert it if it is not there: the

@@ -186,6 +186,7 @@ def test_stats_counts_every_queue(db_url: str, sync_engine: sa.Engine) -> None:
         "reserved": 0,
         "failed": 2,
         "oldest_due_age_seconds": None,
+        "paused": False,
     }
 
     table = ok("stats").stdout.splitlines()
@@ -202,6 +203,21 @@ def test_stats_counts_every_queue(db_url: str, sync_engine: sa.Engine) -> None:
 
     only = json.loads(ok("stats", "--queue", "emails", "--json").stdout)
     assert [row["queue"] for row in only["queues"]] == ["emails"]
+
+    ok("pause", "reports")
+    assert ok("stats").stdout.splitlines()[3].split() == [
+        "reports",
+        "(paused)",
+        "0",
+        "0",
+        "0",
+        "2",
+        "-",
+    ]
+    paused = {
+        row["queue"]: row["paused"] for row in json.loads(ok("stats", "--json").stdout)["queues"]
+    }
+    assert paused == {"default": False, "emails": False, "reports": True}
 
 
 async def test_stats_while_a_producer_opens_new_queues(db_url: str) -> None:
