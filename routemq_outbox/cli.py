@@ -32,7 +32,7 @@ from .config import (
     redact,
 )
 from .database import create_engine
-from .errors import DatabaseNotReady, NotFound, OutboxError, brief
+from .errors import DatabaseNotReady, OutboxError, brief
 from .logs import configure_logging
 from .migrate import upgrade
 from .process import import_job_modules, serve
@@ -147,11 +147,9 @@ def _seconds(
     return check
 
 
-def _admin(
-    database: str | None, call: Callable[[AsyncEngine], Awaitable[T]], *, not_found: int = 1
-) -> T:
-    """Run one admin function on a fresh engine; its errors become messages and exit codes
-    (``not_found`` for a name or id that is not there)."""
+def _admin(database: str | None, call: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run one admin function on a fresh engine; its errors become messages and exit codes:
+    2 for bad input (a name or id that is not there included), 1 for database trouble."""
     url = database or database_url()
 
     async def main() -> T:
@@ -163,8 +161,6 @@ def _admin(
 
     try:
         return asyncio.run(main())
-    except NotFound as exc:
-        raise _fail(str(exc), not_found) from None
     except OutboxError as exc:
         raise _fail(str(exc)) from None
     except admin.DATABASE_ERRORS as exc:
@@ -496,7 +492,6 @@ def jobs_list(
         lambda engine: admin.list_jobs(
             engine, queue=queue, state=state, job=job, after=after, limit=limit
         ),
-        not_found=2,
     )
     if as_json:
         _print_json(
@@ -534,7 +529,7 @@ def jobs_show(
 ) -> None:
     """Everything about one waiting or running job."""
     _job_ids([job_id])
-    job = _admin(database, lambda engine: admin.show_job(engine, job_id), not_found=2)
+    job = _admin(database, lambda engine: admin.show_job(engine, job_id))
     if as_json:
         _print_json(job.as_dict())
         return
@@ -593,14 +588,12 @@ def jobs_cancel(
         result = _admin(
             database,
             lambda engine: admin.cancel_jobs(engine, wanted, reason=reason, missing_ok=False),
-            not_found=2,
         )
     else:
         assert queue is not None
         result = _admin(
             database,
             lambda engine: admin.cancel_matching(engine, queue=queue, job=job, reason=reason),
-            not_found=2,
         )
     typer.echo(
         f"cancelled {_plural(len(result.deleted), 'waiting job')} (moved to failed_jobs); "
@@ -617,7 +610,7 @@ def jobs_cancel(
 def jobs_run_now(ids: JobIds, database: DatabaseUrl = None) -> None:
     """Make waiting jobs due now (all of them, or none if an id is not in jobs)."""
     wanted = _job_ids(ids)
-    done = _admin(database, lambda engine: admin.run_now(engine, wanted), not_found=2)
+    done = _admin(database, lambda engine: admin.run_now(engine, wanted))
     typer.echo(f"made {_plural(len(done), 'job')} due now")
 
 
@@ -627,14 +620,14 @@ QueueName = Annotated[str, typer.Argument(metavar="QUEUE", help="Queue name.")]
 @app.command(rich_help_panel=MAINTENANCE_PANEL)
 def pause(queue: QueueName, database: DatabaseUrl = None) -> None:
     """Stop every worker claiming from QUEUE (they finish what they hold) until resume."""
-    _admin(database, lambda engine: admin.pause_queue(engine, queue), not_found=2)
+    _admin(database, lambda engine: admin.pause_queue(engine, queue))
     typer.echo(f"paused queue {queue!r}")
 
 
 @app.command(rich_help_panel=MAINTENANCE_PANEL)
 def resume(queue: QueueName, database: DatabaseUrl = None) -> None:
     """Let workers claim from a paused QUEUE again."""
-    _admin(database, lambda engine: admin.resume_queue(engine, queue), not_found=2)
+    _admin(database, lambda engine: admin.resume_queue(engine, queue))
     typer.echo(f"resumed queue {queue!r}")
 
 

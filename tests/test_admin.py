@@ -337,9 +337,9 @@ def test_failed_show_prints_the_payload_and_the_whole_traceback(
     assert doc["payload"] == {"job": "tests.record", "data": {"key": "shown-0"}}
     assert json.loads(ok("failed", "show", doc["uuid"], "--json").stdout) == doc
 
-    missing = refused(1, "failed", "show", str(failed_id + 1))
+    missing = refused(2, "failed", "show", str(failed_id + 1))
     assert missing.stderr == f"routemq-outbox: failed_jobs has no job with id {failed_id + 1}\n"
-    assert "neither a failed job id" in refused(1, "failed", "show", "12abc").stderr
+    assert "neither a failed job id" in refused(2, "failed", "show", "12abc").stderr
 
 
 # ----------------------------------------------------------------------------- retry
@@ -369,7 +369,7 @@ def test_failed_retry_with_an_unknown_id_touches_nothing(
     db_url: str, sync_engine: sa.Engine
 ) -> None:
     ids = add_failed(sync_engine, count=2)
-    result = refused(1, "failed", "retry", str(ids[0]), "999", str(ids[1]), "998")
+    result = refused(2, "failed", "retry", str(ids[0]), "999", str(ids[1]), "998")
     assert result.stderr == (
         "routemq-outbox: failed_jobs has no job with id 998, 999: nothing was retried\n"
     )
@@ -377,7 +377,7 @@ def test_failed_retry_with_an_unknown_id_touches_nothing(
     assert job_rows(sync_engine) == []
 
     ghost = str(uuid.uuid4())
-    assert ghost in refused(1, "failed", "retry", str(ids[0]), ghost).stderr
+    assert ghost in refused(2, "failed", "retry", str(ids[0]), ghost).stderr
     assert failed_ids(sync_engine) == ids
 
     assert "give the ids" in refused(2, "failed", "retry").stderr
@@ -390,7 +390,7 @@ def test_failed_retry_all_in_batches_and_by_queue(db_url: str, sync_engine: sa.E
     default = add_failed(sync_engine, "default", count=5, key="d")
     emails = add_failed(sync_engine, "emails", count=2, key="e")
 
-    unknown = refused(1, "failed", "retry", "--all", "--queue", "emials")
+    unknown = refused(2, "failed", "retry", "--all", "--queue", "emials")
     assert unknown.stderr == (
         "routemq-outbox: unknown queue 'emials': no job or failed job is in it "
         "(queues with jobs: default, emails)\n"
@@ -471,7 +471,7 @@ def test_failed_forget_deletes_exactly_the_given_ids(db_url: str, sync_engine: s
     ids = add_failed(sync_engine, count=3)
     assert (
         "no job with id 77: nothing was deleted"
-        in refused(1, "failed", "forget", str(ids[0]), "77").stderr
+        in refused(2, "failed", "forget", str(ids[0]), "77").stderr
     )
     assert failed_ids(sync_engine) == ids
     assert ok("failed", "forget", str(ids[0]), str(ids[2])).stdout == "deleted 2 failed jobs\n"
@@ -483,7 +483,7 @@ def test_failed_flush_all_or_one_queue(db_url: str, sync_engine: sa.Engine) -> N
     add_failed(sync_engine, "default", count=2)
     emails = add_failed(sync_engine, "emails", count=3)
     add_jobs(sync_engine, ["waiting"])
-    assert "unknown queue 'nope'" in refused(1, "failed", "flush", "--queue", "nope").stderr
+    assert "unknown queue 'nope'" in refused(2, "failed", "flush", "--queue", "nope").stderr
     assert ok("failed", "flush", "-q", "default").stdout == (
         "deleted 2 failed jobs of queue 'default'\n"
     )
@@ -552,7 +552,7 @@ def test_clear_asks_then_deletes_the_waiting_jobs_of_one_queue(
     assert declined.stderr == "routemq-outbox: nothing was deleted\n"
     assert len(job_rows(sync_engine)) == 5
 
-    assert "unknown queue 'defualt'" in refused(1, "clear", "defualt", "--yes").stderr
+    assert "unknown queue 'defualt'" in refused(2, "clear", "defualt", "--yes").stderr
     assert len(job_rows(sync_engine)) == 5
 
     accepted = ok("clear", "default", input="y\n")
@@ -755,7 +755,7 @@ def test_huge_numbers_on_every_database(db_url: str, sync_engine: sa.Engine) -> 
         result = refused(2, *args)
         assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
     assert failed_ids(sync_engine) == ids
-    largest = refused(1, "failed", "show", "9223372036854775807")
+    largest = refused(2, "failed", "show", "9223372036854775807")
     assert largest.stderr == "routemq-outbox: failed_jobs has no job with id 9223372036854775807\n"
     assert ok("failed", "list", "--limit", "1000000").stdout.count("ValueError: boom") == 2
     assert ok("failed", "prune", "--older-than", "5000w").stdout.startswith("deleted 0 ")

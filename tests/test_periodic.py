@@ -498,7 +498,7 @@ async def test_cli_lists_schedules_and_runs_one_now_without_taking_a_slot(db_url
         assert await taken(engine) == [(EverySecond.job_name, last)]
 
         unknown = await asyncio.to_thread(run_cli, "schedule", "run", "reports.nightly", *where)
-        assert unknown.returncode == 1
+        assert unknown.returncode == 2
         assert "no periodic job is named 'reports.nightly'" in unknown.stderr
         none = await asyncio.to_thread(run_cli, "schedule", "list", "--database-url", db_url)
         assert none.returncode == 1
