@@ -18,7 +18,7 @@ Producers keep inserting while it runs:
 
 Revision ID: routemq_outbox_0006
 Revises: routemq_outbox_0005
-Create Date: 2027-01-10
+Create Date: 2026-12-01
 """
 
 from collections.abc import Sequence
