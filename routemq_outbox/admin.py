@@ -26,6 +26,7 @@ worker cancels ``handle()`` and records it there the same way, without a retry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import uuid
@@ -777,37 +778,16 @@ class WorkerInfo:
 
     def as_dict(self) -> dict[str, Any]:
         """For JSON."""
-        return {
-            "id": self.id,
-            "host": self.host,
-            "pid": self.pid,
-            "queues": self.queues,
-            "concurrency": self.concurrency,
-            "version": self.version,
-            "started_at": self.started_at.isoformat(),
-            "last_seen": self.last_seen.isoformat(),
-            "alive": self.alive,
-            "running": self.running,
-        }
+        document = dataclasses.asdict(self)
+        document.update(
+            started_at=self.started_at.isoformat(), last_seen=self.last_seen.isoformat()
+        )
+        return document
 
 
 async def list_workers(engine: AsyncEngine) -> list[WorkerInfo]:
     """Live workers (oldest first), then gone ones not yet pruned (latest seen first)."""
-    return [
-        WorkerInfo(
-            id=w.id,
-            host=w.host,
-            pid=w.pid,
-            queues=w.queues,
-            concurrency=w.concurrency,
-            version=w.version,
-            started_at=w.started_at,
-            last_seen=w.last_seen,
-            alive=w.alive,
-            running=w.running,
-        )
-        for w in await sql.worker_rows(engine)
-    ]
+    return [WorkerInfo(**dataclasses.asdict(row)) for row in await sql.worker_rows(engine)]
 
 
 # ----------------------------------------------------------------------------- health
