@@ -112,12 +112,23 @@ def css(driver: Any, selector: str) -> Any:
 
 def click(driver: Any, selector: str) -> None:
     """Click, and wait for the page the click leads to."""
-    old = driver.find_element("css selector", "html")
-    driver.find_element("css selector", selector).click()
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+    old = driver.find_element("css selector", "html")
+    driver.find_element("css selector", selector).click()
+
+    def left(_: Any) -> bool:
+        # The old page's root is gone. Chromedriver says so with a stale element error, or,
+        # when it asks in the middle of the navigation, with "Node with given id does not
+        # belong to the document": both mean the page was replaced.
+        try:
+            old.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 30).until(left)
 
 
 async def test_the_overview_shows_the_queues_and_a_queue_is_paused_by_clicking(
