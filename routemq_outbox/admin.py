@@ -600,7 +600,7 @@ async def cancel_jobs(
     reason: str | None = None,
     missing_ok: bool = True,
 ) -> CancelResult:
-    """Cancel jobs by id, in one transaction. Waiting ones move to ``failed_jobs`` with the
+    """Cancel jobs by id. Waiting ones move to ``failed_jobs``, in one transaction, with the
     error ``Cancelled`` (and ``reason``); running ones are asked to stop: their worker cancels
     ``handle()`` within about a second and records the job the same way, with no retry.
 

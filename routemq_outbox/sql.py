@@ -37,6 +37,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .errors import DispatchError
+from .faults import is_deadlock
 from .keys import NO_KEYS, UNIQUE_QUEUED, JobKeys
 from .schema import (
     PARKED_AT,
@@ -2050,61 +2051,79 @@ async def cancel_jobs(
     connection: str,
     all_or_nothing: bool = False,
 ) -> CancelOutcome:
-    """Cancel jobs, in one transaction: waiting ones leave ``jobs`` for ``failed_jobs`` (with
-    ``exception``), those a worker holds get ``cancel_requested``.
+    """Cancel jobs: waiting ones leave ``jobs`` for ``failed_jobs`` (with ``exception``), in
+    one transaction; then those a worker holds get ``cancel_requested``, one row at a time.
 
-    A worker claiming one of them at the same moment either takes it first (it is then held,
-    and asked to stop) or finds it gone: the statements wait for the claim's row locks
-    (PostgreSQL re-reads a row it waited for; MySQL's locking read sees the latest version),
-    and SQLite has one writer at a time. Any row still there after the delete is flagged,
+    The operator never waits for a row while holding another that a worker may want, so it
+    cannot deadlock with one. The first transaction locks only waiting rows, in id order (as
+    every other operator does); a worker's statements touch only the rows it holds. A
+    worker claiming one of them at the same moment either takes it first (it is then held,
+    and flagged next) or finds it gone. Any row still there after the delete is flagged,
     whatever its state, so that a job a worker let go of meanwhile is not missed: a worker
     records a flagged job as cancelled instead of running it.
 
-    With ``all_or_nothing``, if any id is missing nothing is changed (and only ``missing`` is
-    filled in).
+    With ``all_or_nothing``, if any id is not in ``jobs`` nothing is changed (and only
+    ``missing`` is filled in). A job that finishes while it is being cancelled is listed in
+    ``missing`` too.
     """
     wanted = sorted(set(ids))
-    kind = family(engine.dialect.name)
-    async with engine.connect() as conn, conn.begin() as transaction:
+    if all_or_nothing:
+        async with engine.connect() as conn:
+            present = set(
+                (await conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(wanted)))).scalars()
+            )
+        missing = [i for i in wanted if i not in present]
+        if missing:
+            return CancelOutcome([], [], missing)
+    for attempt in range(1, _DEADLOCK_TRIES + 1):
+        try:
+            taken = await _take_waiting(engine, wanted, exception, connection)
+            break
+        except sa.exc.DBAPIError as exc:  # a backstop: the lock order above should prevent it
+            if attempt == _DEADLOCK_TRIES or not is_deadlock(exc):
+                raise
+    gone = {int(row.id) for row in taken}
+    held: list[int] = []
+    async with engine.connect() as conn:
+        for job_id in (i for i in wanted if i not in gone):
+            async with conn.begin():
+                flagged = await conn.execute(_REQUEST_CANCEL.where(jobs.c.id == job_id))
+            if flagged.rowcount:
+                held.append(job_id)
+    missing = [i for i in wanted if i not in gone and i not in held]
+    return CancelOutcome(sorted(gone), held, missing)
+
+
+_DEADLOCK_TRIES = 3
+
+
+async def _take_waiting(
+    engine: AsyncEngine, wanted: Sequence[int], exception: str, connection: str
+) -> list[sa.Row[Any]]:
+    """Move the waiting jobs among ``wanted`` to ``failed_jobs``, in one transaction, and
+    return them; the next job of a serial key becomes its head."""
+    waiting = sa.and_(jobs.c.id.in_(wanted), jobs.c.reserved_at.is_(None))
+    async with engine.connect() as conn, conn.begin():
         serial = (
             await conn.execute(
                 sa.select(jobs.c.serial_key)
-                .where(jobs.c.id.in_(wanted), jobs.c.serial_key.isnot(None))
+                .where(waiting, jobs.c.serial_key.isnot(None))
                 .distinct()
             )
         ).scalars()
         keys = sorted(str(key) for key in serial)
         if keys:
             await _lock_serial(conn, keys)
-        waiting = sa.and_(jobs.c.id.in_(wanted), jobs.c.reserved_at.is_(None))
-        if kind == "mysql":
-            locked = (
-                await conn.execute(
-                    sa.select(*_CANCEL_TAKEN, jobs.c.reserved_at)
-                    .where(jobs.c.id.in_(wanted))
-                    .order_by(jobs.c.id)
-                    .with_for_update()
-                )
-            ).all()
-            taken = [row for row in locked if row.reserved_at is None]
-            if taken:
-                await conn.execute(_DELETE_JOB_BY_ID, [{"id": row.id} for row in taken])
-            held = [int(row.id) for row in locked if row.reserved_at is not None]
-            if held:
-                await conn.execute(_REQUEST_CANCEL.where(jobs.c.id.in_(held)))
-        else:
+        if family(engine.dialect.name) == "sqlite":  # one writer: the statement is alone
             taken = list(
                 await conn.execute(sa.delete(jobs).where(waiting).returning(*_CANCEL_TAKEN))
             )
-            flagged = await conn.execute(
-                _REQUEST_CANCEL.where(jobs.c.id.in_(wanted)).returning(jobs.c.id)
-            )
-            held = [int(i) for i in flagged.scalars()]
-        found = {int(row.id) for row in taken} | set(held)
-        missing = [i for i in wanted if i not in found]
-        if missing and all_or_nothing:
-            await transaction.rollback()
-            return CancelOutcome([], [], missing)
+        else:
+            # Locked in id order, so that two operators take turns instead of deadlocking.
+            pick = sa.select(*_CANCEL_TAKEN).where(waiting).order_by(jobs.c.id).with_for_update()
+            taken = list((await conn.execute(pick)).all())
+            if taken:
+                await conn.execute(_DELETE_JOB_BY_ID, [{"id": row.id} for row in taken])
         if taken:
             await conn.execute(
                 sa.insert(failed_jobs),
@@ -2126,7 +2145,7 @@ async def cancel_jobs(
             if promote:
                 await _lock_serial(conn, promote)
                 await _promote(conn, promote, notify=False)
-    return CancelOutcome(sorted(int(row.id) for row in taken), sorted(held), missing)
+    return taken
 
 
 async def run_now(engine: AsyncEngine, ids: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -3,6 +3,7 @@ seeing workers. On every engine, against real databases."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -175,6 +176,45 @@ async def test_cancel_moves_waiting_jobs_to_failed_jobs_and_flags_running_ones(
     assert again == admin.CancelResult(deleted=[], stopping=[running], missing=[ids[1]])
     with pytest.raises(ConfigurationError):
         await admin.cancel_jobs(engine, [])
+
+
+async def _lock_waiters(engine: AsyncEngine) -> int:
+    """How many transactions wait for a row lock. Asked on a new connection each time:
+    PostgreSQL keeps pg_stat_activity as it was for the rest of a transaction. MariaDB's
+    information_schema.innodb_trx leaves some waiting transactions out; the list of
+    transactions in its status does not (the latest deadlock, above it, is skipped)."""
+    async with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            return int((await conn.execute(sa.text(waiting))).scalar_one())
+        status = str((await conn.execute(sa.text("SHOW ENGINE INNODB STATUS"))).one()[2])
+        return status.split("\nTRANSACTIONS\n", 1)[1].count("\nLOCK WAIT ")
+
+
+async def test_cancelling_running_jobs_cannot_deadlock_with_their_worker(
+    engine: AsyncEngine,
+) -> None:
+    """A worker's statement holds its second running job, the operator waits for it, then the
+    statement takes the first one too (a worker locks its rows in whatever order its plan
+    reads them). An operator holding the first while it waits for the second would be a
+    deadlock, and one of the two would be rolled back."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer at a time: a second one waits, it cannot deadlock")
+    await add(engine, ["first", "second"])
+    first, second = await hold(engine, "default", 2)
+    extend = sa.update(jobs).values(lease_expires_at=db_now_plus(sa.literal(60.0)))
+    async with engine.connect() as worker:
+        await worker.execute(extend.where(jobs.c.id == second))
+        operator = asyncio.create_task(admin.cancel_jobs(engine, [first, second]))
+        for _ in range(200):
+            if await _lock_waiters(engine):
+                break
+            await asyncio.sleep(0.02)
+        assert await _lock_waiters(engine) == 1, "the operator never waited for the worker"
+        await worker.execute(extend.where(jobs.c.id == first))  # fails if it was a deadlock
+        await worker.commit()
+        result = await asyncio.wait_for(operator, 30)
+    assert result == admin.CancelResult(deleted=[], stopping=[first, second], missing=[])
 
 
 async def test_retrying_a_cancelled_job_gives_back_its_priority(engine: AsyncEngine) -> None:
