@@ -131,7 +131,7 @@ async def drain_rate(url: str, jobs: int, priorities: bool) -> float:
 
 async def claim_plan(engine: Any, backend: str) -> str:
     """The plan of the claim as the worker runs it (SQLite, MariaDB: of its row-picking part)."""
-    values = {"queue_name": "default", "limit": 100, "new_token": 0, "lease": 0.0}
+    values = {"queue_name": "default", "limit": 100, "new_token": 0, "lease": 0.0, "from_level": 0}
     async with engine.connect() as conn:
         if backend == "postgresql":
             return str(await sql.explain_claim(conn, "default", 100))

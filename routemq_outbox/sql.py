@@ -601,6 +601,16 @@ _RETURNED = (
     jobs.c.cancel_requested,
 )
 _LIMIT = sa.bindparam("limit", type_=sa.Integer())
+# MySQL/MariaDB: a locking read of the claim's ranges passes the index entries of every job
+# claimed or finished that purge has not removed yet, and each costs it far more than it costs
+# a plain (consistent) read. Once priority levels drain one after the other, each claim's
+# locking read walked the leftovers of every level already drained: with ten levels in use, a
+# drain ran at 0.54 of a single level's speed, with twice the server CPU. So the claim reads the
+# lowest level that has a due job first, without locks, and locks from that level on, once
+# the queue's previous claim took no job of level 0 (while level 0 has due jobs there is no
+# level below it to pass, and that read would only cost a round trip: a plain drain ran 20 %
+# slower with it).
+_FROM_LEVEL = sa.bindparam("from_level", type_=sa.SmallInteger())
 _RESERVE = {
     "reserved_at": db_now(),
     "token": sa.bindparam("new_token", type_=sa.BigInteger()),
@@ -626,6 +636,7 @@ class _Reservation(NamedTuple):
     lock: sa.Select[Any]  # MySQL: lock the rows (then ``mark`` them)
     mark: sa.Update  # MySQL: by expanding ``ids``
     reserve: sa.Update  # elsewhere: pick and mark in one statement, RETURNING the rows
+    first_level: sa.Select[Any] | None = None  # MySQL: the lowest due level (``lock`` from it)
 
 
 def _reservation(
@@ -634,9 +645,11 @@ def _reservation(
     *,
     count_attempt: bool,
     postgresql_pick: sa.Select[Any] | None = None,
+    by_level: bool = False,
 ) -> dict[str, _Reservation]:
     """``postgresql_pick``, when given, picks (and locks) the rows on PostgreSQL instead of
-    ``where`` and ``order_by``."""
+    ``where`` and ``order_by``. ``by_level``: MySQL reads the lowest due priority level first,
+    without locks, and locks rows from that level on (see ``_FROM_LEVEL``)."""
     values = dict(_RESERVE)
     if count_attempt:
         values["attempts"] = jobs.c.attempts + 1
@@ -671,7 +684,16 @@ def _reservation(
             .values(values)
             .returning(*_RETURNED),
         ),
-        "mysql": _Reservation(lock.with_for_update(skip_locked=True), mark, mark),
+        "mysql": _Reservation(
+            (lock.where(jobs.c.priority >= _FROM_LEVEL) if by_level else lock).with_for_update(
+                skip_locked=True
+            ),
+            mark,
+            mark,
+            sa.select(jobs.c.priority).where(*where).order_by(*order_by).limit(1)
+            if by_level
+            else None,
+        ),
     }
 
 
@@ -712,10 +734,14 @@ _LEVEL_DUE = (
 _PICK_BY_LEVEL = (
     sa.select(_LEVEL_DUE.c.id).select_from(_LEVEL_TABLE.join(_LEVEL_DUE, sa.true())).limit(_LIMIT)
 )
-_CLAIM = _reservation(_DUE, _DUE_ORDER, count_attempt=True, postgresql_pick=_PICK_BY_LEVEL)
+_CLAIM = _reservation(
+    _DUE, _DUE_ORDER, count_attempt=True, postgresql_pick=_PICK_BY_LEVEL, by_level=True
+)
 # Prefetched jobs are claimed without counting an attempt: one that never starts (its worker
 # crashed, or stopped) has not spent one. count_attempts() counts it just before it starts.
-_CLAIM_AHEAD = _reservation(_DUE, _DUE_ORDER, count_attempt=False, postgresql_pick=_PICK_BY_LEVEL)
+_CLAIM_AHEAD = _reservation(
+    _DUE, _DUE_ORDER, count_attempt=False, postgresql_pick=_PICK_BY_LEVEL, by_level=True
+)
 
 
 def _expired(queues: sa.ColumnElement[bool]) -> dict[str, _Reservation]:
@@ -791,6 +817,12 @@ async def _reserve(
     async with conn.begin():
         if kind == "mysql":
             reservation = statements[kind]
+            level = 0
+            if reservation.first_level is not None and params.get("lowest_level"):
+                level = (await conn.execute(reservation.first_level, params)).scalar()
+                if level is None:
+                    return []
+            params = {**params, "from_level": level}
             # Lock the rows in index order, skipping those another worker is locking, then
             # mark exactly those (already ours) by primary key.
             locked = (await conn.execute(reservation.lock, params)).all()
@@ -823,12 +855,18 @@ async def claim(
     *,
     count_attempt: bool = True,
     worker: str | None = None,
+    lowest_level: int = 0,
 ) -> list[Claimed]:
-    """Reserve up to ``limit`` due jobs of ``queue``, oldest ``available_at`` first, for the
-    worker whose row is ``worker``.
+    """Reserve up to ``limit`` due jobs of ``queue``, by priority, then oldest
+    ``available_at``, for the worker whose row is ``worker``.
 
     With ``count_attempt=False`` (jobs claimed ahead, to wait for a free slot) the attempt is
     not counted: :func:`count_attempts` counts it when the job is about to start.
+
+    ``lowest_level``: the lowest priority of the jobs the previous claim of this queue took.
+    Above 0, MySQL reads the lowest due level first, without locks, and locks from there
+    (see ``_FROM_LEVEL``); at 0 there is no level below to pass, and that read is skipped.
+    The result is the same either way.
     """
     params = {
         "queue_name": queue,
@@ -836,6 +874,7 @@ async def claim(
         "new_token": token,
         "lease": float(lease),
         "worker": worker,
+        "lowest_level": lowest_level,
     }
     if count_attempt:
         return await _reserve(conn, _CLAIM, _CLAIM_ASYNCPG, params, count_attempt=True)

@@ -280,6 +280,7 @@ class Worker:
         self._counting: tuple[set[_Key], asyncio.Future[None]] | None = None
         self._ready: list[_Key] = []  # attempt counted, but claimed as the worker stopped
         self._starting = True  # False once stopping: claimed jobs are released, not run
+        self._lowest_level: dict[str, int] = {}  # queue -> lowest priority its last claim took
         self._held: dict[_Key, int] = {}  # every claim this worker holds -> _UNCOUNTED, ...
         self._done: list[_Key] = []
         # The serial key of each finished job that has one: its delete promotes the next job.
@@ -552,8 +553,10 @@ class Worker:
                         lease=lease,
                         count_attempt=count_attempt,
                         worker=self.worker_id,
+                        lowest_level=self._lowest_level.get(queue, 0),
                     )
                 )
+                self._lowest_level[queue] = min((job.priority for job in got), default=0)
                 self._claimed(queue, got, count_attempt)
                 total += len(got)
                 if len(got) < limit:

@@ -73,6 +73,32 @@ async def test_delayed_jobs_of_a_lower_priority_do_not_hide_due_ones(
     assert claimed.priority == 1
 
 
+@pytest.mark.parametrize("lowest_level", [0, 4])
+async def test_a_claim_reads_on_into_later_levels_past_jobs_another_claim_holds(
+    engine: AsyncEngine, lowest_level: int
+) -> None:
+    """One claim takes from several levels, in order; and the due jobs of the lowest level
+    being locked by a claim still in progress does not leave the others unclaimed. After a
+    claim whose lowest level was above 0, MySQL reads the lowest due level without locks
+    before it locks from there: that read sees the locked jobs, and the claim goes on past
+    them all the same."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer at a time: a second claim waits for the first")
+    for key, priority in [("a0", 0), ("b0", 0), ("c4", 4), ("d7", 7), ("e7", 7)]:
+        await dispatch(record(key), priority=priority)
+    async with engine.connect() as first, first.begin():  # as a claim in progress holds them
+        level_0 = sa.select(jobs.c.id).where(jobs.c.priority == 0)
+        for job_id in list((await first.execute(level_0)).scalars()):  # one by primary key:
+            lock = sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()
+            assert (await first.execute(lock)).scalar_one() == job_id  # (MariaDB scans an IN)
+        async with engine.connect() as second:
+            claimed = await sql.claim(second, "default", 10, 2, 60.0, lowest_level=lowest_level)
+    assert [job.priority for job in claimed] == [4, 7, 7]
+    async with engine.connect() as again:
+        after = await sql.claim(again, "default", 10, 3, 60.0, lowest_level=lowest_level)
+        assert [job.priority for job in after] == [0, 0]
+
+
 async def test_a_paused_queue_is_not_claimed_until_resumed(
     db_url: str, engine: AsyncEngine, log_table: None
 ) -> None:
