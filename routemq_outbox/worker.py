@@ -960,8 +960,7 @@ class Worker:
                 if self._closed.is_set():
                     return
                 continue
-            # Bounded, so that the statement stays within every engine's parameter limit.
-            batch, self._done = self._done[:_FINISH_BATCH], self._done[_FINISH_BATCH:]
+            batch = self._next_done_batch()
             if self._done:
                 self._done_ready.set()
             try:
@@ -996,22 +995,35 @@ class Worker:
             if self._closed.is_set():
                 self._done_ready.set()
 
-    async def _finish(self, lane: _Lane, batch: list[_Key]) -> int:
-        """Delete a batch of finished jobs: those of serial keys in a transaction that also
-        promotes the next job of each key, the others by the plain delete."""
+    def _next_done_batch(self) -> list[_Key]:
+        """Take the next finished jobs to delete: all of serial keys, or none of them, so that
+        a batch is one statement or one transaction. A batch that fails then has changed
+        nothing, and its retry finds every job still there: were a first part deleted and the
+        rest failed, the retry would count the first part as taken over by another worker.
+        Bounded, so that the statement stays within every engine's parameter limit."""
         serial = self._serial_done
         if not serial:
+            batch, self._done = self._done[:_FINISH_BATCH], self._done[_FINISH_BATCH:]
+            return batch
+        keyed = self._done[0] in serial
+        batch = [key for key in self._done if (key in serial) == keyed][:_FINISH_BATCH]
+        taken = set(batch)
+        self._done = [key for key in self._done if key not in taken]
+        return batch
+
+    async def _finish(self, lane: _Lane, batch: list[_Key]) -> int:
+        """Delete a batch of finished jobs: jobs of serial keys in a transaction that also
+        promotes the next job of each key, others by the plain delete."""
+        serial = self._serial_done
+        if batch[0] not in serial:
             return await lane.run(functools.partial(sql.finish, pairs=batch))
-        plain = [key for key in batch if key not in serial]
-        keyed = [(key[0], key[1], serial[key]) for key in batch if key in serial]
-        deleted = await lane.run(functools.partial(sql.finish, pairs=plain)) if plain else 0
-        if keyed:
-            deleted += await self._run(
-                functools.partial(sql.finish_serial, held=keyed, notify=notify_enabled())
-            )
-            # The next jobs of these keys may be due now: claim without waiting for a poll.
-            self._wake.set()
-            self._slot_freed.set()
+        keyed = [(key[0], key[1], serial[key]) for key in batch]
+        deleted = await self._run(
+            functools.partial(sql.finish_serial, held=keyed, notify=notify_enabled())
+        )
+        # The next jobs of these keys may be due now: claim without waiting for a poll.
+        self._wake.set()
+        self._slot_freed.set()
         return deleted
 
     # ------------------------------------------------------------------ shutdown

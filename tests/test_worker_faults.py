@@ -578,6 +578,51 @@ async def test_a_retry_waits_for_the_count_of_its_attempt_in_flight(
     assert sorted(attempts) == [1, 1]
 
 
+async def test_a_failed_delete_of_serial_jobs_does_not_undo_the_delete_of_others(
+    db_url: str,
+    engine: AsyncEngine,
+    log_table: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Finished jobs with and without a serial key are deleted by different statements. When
+    the serial ones' delete fails, the plain ones deleted before it are not deleted again (a
+    retry that found them gone would report them taken over by another worker)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip(
+            "on an SQLite file these statements run on threads, where this one's sleep cannot"
+        )
+    real_finish, real_finish_serial = sql.finish, sql.finish_serial
+    failed = []
+
+    async def slow_first_finish(conn: object, pairs: object) -> int:
+        if not failed:  # the first delete: the other two jobs finish meanwhile
+            await asyncio.sleep(0.6)
+        return await real_finish(conn, pairs)  # type: ignore[arg-type]
+
+    async def failing_once(conn: object, held: object, notify: bool = False) -> int:
+        if not failed:
+            failed.append(held)
+            raise ConnectionResetError("the connection dropped")
+        return await real_finish_serial(conn, held, notify=notify)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sql, "finish", slow_first_finish)
+    monkeypatch.setattr(sql, "finish_serial", failing_once)
+    await dispatch(sleepy("first", 0))
+    await dispatch(sleepy("plain", 0.2))
+    await dispatch(sleepy("keyed", 0.2), serial_key="k")
+    stats = await asyncio.wait_for(Worker(settings(db_url, concurrency=3)).run(), 60)
+    assert stats.succeeded == 3
+    assert failed, "the delete of the serial job never failed: the fault was not met"
+    assert "taken over" not in caplog.text
+    assert await count(engine, jobs) == 0
+    assert sorted(row.job_key for row in await log_rows(engine) if row.event == "end") == [
+        "first",
+        "keyed",
+        "plain",
+    ]
+
+
 # ------------------------------------------------------------------ SQLite and the primary key
 
 
