@@ -2082,6 +2082,9 @@ _REQUEST_CANCEL = sa.update(jobs).values(cancel_requested=True)
 _DELETE_JOB_BY_ID = sa.delete(jobs).where(jobs.c.id == sa.bindparam("id", type_=sa.BigInteger()))
 
 
+_DEADLOCK_TRIES = 3  # an operator's transaction chosen as a deadlock's victim runs again
+
+
 async def cancel_jobs(
     engine: AsyncEngine,
     ids: Sequence[int],
@@ -2131,9 +2134,6 @@ async def cancel_jobs(
                 held.append(job_id)
     missing = [i for i in wanted if i not in gone and i not in held]
     return CancelOutcome(sorted(gone), held, missing)
-
-
-_DEADLOCK_TRIES = 3
 
 
 async def _take_waiting(
