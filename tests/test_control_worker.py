@@ -11,6 +11,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routemq_outbox import Job, admin, dispatch, queue, sql
@@ -91,9 +92,22 @@ async def test_a_claim_reads_on_into_later_levels_past_jobs_another_claim_holds(
         for job_id in list((await first.execute(level_0)).scalars()):  # one by primary key:
             lock = sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()
             assert (await first.execute(lock)).scalar_one() == job_id  # (MariaDB scans an IN)
-        async with engine.connect() as second:
-            claimed = await sql.claim(second, "default", 10, 2, 60.0, lowest_level=lowest_level)
+        sent: list[str] = []
+
+        def record_select(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                sent.append(statement)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", record_select)
+        try:
+            async with engine.connect() as second:
+                claimed = await sql.claim(second, "default", 10, 2, 60.0, lowest_level=lowest_level)
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", record_select)
     assert [job.priority for job in claimed] == [4, 7, 7]
+    if engine.dialect.name != "postgresql":  # MySQL: the unlocked read of the lowest level
+        locking = ["FOR UPDATE" in statement for statement in sent]
+        assert locking == ([False, True] if lowest_level else [True]), sent
     async with engine.connect() as again:
         after = await sql.claim(again, "default", 10, 3, 60.0, lowest_level=lowest_level)
         assert [job.priority for job in after] == [0, 0]
